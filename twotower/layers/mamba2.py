@@ -1,0 +1,142 @@
+"""The Mamba-2 mixer of Nemotron-H.
+
+``in_proj`` splits into ``[z | xBC | dt]``; a depthwise causal conv1d (with bias) and SiLU run over
+``xBC``, which splits into ``[x | B | C]``; ``dt = softplus(dt + dt_bias)`` clamped to
+``time_step_limit``; ``A = -exp(A_log)``; the SSD scan plus ``D * x``; then ``RMSNorm(y * silu(z))``
+within ``n_groups`` channel groups, and ``out_proj``.
+
+The mixer is stateless: callers pass the conv state (the last ``conv_kernel - 1`` raw ``xBC`` inputs)
+and the fp32 SSM state, and receive the new ones, so one module serves prefill, chunked continuation,
+single-token decoding and the two-tower denoiser (which reads the context tower's state read-only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.config import NemotronHConfig
+from twotower.layers.norms import GatedRMSNorm
+from twotower.layers.ssd import ssd_chunk_scan, ssd_sequential, ssd_step
+
+
+class MambaState(NamedTuple):
+    conv: torch.Tensor  # (B, conv_dim, conv_kernel - 1), model dtype
+    ssm: torch.Tensor  # (B, nh, P, N), float32
+
+
+class MambaOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, L, H)
+    state: MambaState  # after the last token
+    previous: MambaState | None  # after the second-to-last token, when asked for
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        self.n_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.conv_kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = config.time_step_limit
+        self.inner = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+
+        self.in_proj = nn.Linear(config.hidden_size, self.inner + self.conv_dim + self.n_heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.inner, config.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.inner, config.hidden_size, bias=config.use_bias)
+        self._config = config
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Initialise A, D and dt_bias as Mamba-2 does (dt log-uniform in [time_step_min, time_step_max])."""
+        config = self._config
+        self.A_log.copy_(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        low, high = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.n_heads) * (high - low) + low).clamp(min=config.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device | str) -> MambaState:
+        conv = torch.zeros(batch, self.conv_dim, self.conv_kernel - 1, dtype=dtype, device=device)
+        ssm = torch.zeros(batch, self.n_heads, self.head_dim, self.state_size, dtype=torch.float32, device=device)
+        return MambaState(conv, ssm)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: MambaState | None = None,
+        pad_mask: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        return_previous: bool = False,
+        scan: str = "chunked",
+    ) -> MambaOutput:
+        """Mix ``hidden`` (B, L, H) starting from ``state`` (zeros when ``None``).
+
+        ``pad_mask`` (B, L), True on real tokens: padded positions feed zeros to the conv and use
+        dt = 0, so they leave both states untouched. ``return_previous`` also returns the state one
+        token before the end. ``scan="sequential"`` runs the slow reference recurrence.
+        """
+        batch, length, _ = hidden.shape
+        if state is None:
+            state = self.empty_state(batch, hidden.dtype, hidden.device)
+
+        z, xBC, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
+        if pad_mask is not None:
+            xBC = xBC * pad_mask[..., None].to(xBC.dtype)
+
+        # Causal depthwise conv over [conv history | new inputs]; the history is the conv state.
+        window = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, D, K-1+L)
+        xBC = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        new_conv = window[..., -(self.conv_kernel - 1) :]
+        previous_conv = window[..., -self.conv_kernel : -1] if return_previous else None
+
+        x, B, C = xBC.split([self.inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, self.head_dim))  # (B, L, nh, P)
+        B = B.unflatten(-1, (self.n_groups, self.state_size))  # (B, L, G, N)
+        C = C.unflatten(-1, (self.n_groups, self.state_size))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        low, high = self.time_step_limit
+        if low > 0.0 or high != math.inf:
+            dt = dt.clamp(min=low, max=high)
+        if pad_mask is not None:
+            dt = dt * pad_mask[..., None]
+        A = -torch.exp(self.A_log.float())
+
+        previous_ssm = None
+        if scan == "sequential":
+            y, new_ssm = ssd_sequential(x, dt, A, B, C, initial_state=state.ssm)
+            if return_previous:
+                previous_ssm = state.ssm if length == 1 else ssd_sequential(
+                    x[:, :-1], dt[:, :-1], A, B[:, :-1], C[:, :-1], initial_state=state.ssm
+                )[1]
+        elif length == 1:
+            y, new_ssm = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y[:, None]
+            previous_ssm = state.ssm if return_previous else None
+        elif scan == "chunked":
+            positions = [length - 2] if return_previous else None
+            y, new_ssm, at = ssd_chunk_scan(
+                x, dt, A, B, C, chunk_size or self.chunk_size, initial_state=state.ssm, return_states_at=positions
+            )
+            previous_ssm = at[:, 0] if return_previous else None
+        else:
+            raise ValueError(f"scan={scan!r} is invalid; expected 'chunked' or 'sequential'")
+
+        y = y + x.float() * self.D.float()[:, None]
+        y = self.norm(y.flatten(-2).to(hidden.dtype), z)
+        out = self.out_proj(y)
+        previous = MambaState(previous_conv, previous_ssm) if return_previous else None
+        return MambaOutput(out, MambaState(new_conv, new_ssm), previous)
