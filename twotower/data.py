@@ -1,6 +1,6 @@
 """Read the packed token files that scripts/build_corpus.py writes.
 
-A corpus folder holds ``train.bin`` and ``val.bin``, each one flat array of
+A corpus folder contains ``train.bin`` and ``val.bin``, each one flat array of
 little-endian uint16 token ids in which every document is stored as
 ``<s> tokens </s>`` and documents follow each other without padding, plus
 ``meta.json`` (vocabulary size, token counts, special-token ids) and
@@ -19,7 +19,17 @@ import torch
 TOKEN_DTYPE = np.dtype("<u2")
 META_FILE = "meta.json"
 REQUIRED_META_KEYS = frozenset(
-    {"vocab_size", "dtype", "tokens", "special_tokens", "bos_id", "eos_id", "pad_id", "mask_id", "tokenizer"}
+    {
+        "vocab_size",
+        "dtype",
+        "tokens",
+        "special_tokens",
+        "bos_id",
+        "eos_id",
+        "pad_id",
+        "mask_id",
+        "tokenizer",
+    }
 )
 
 
@@ -40,7 +50,9 @@ def load_meta(directory: str | Path) -> dict:
     if missing:
         raise ValueError(f"{path} is missing keys {', '.join(missing)}; rebuild the corpus")
     if meta["dtype"] != "uint16":
-        raise ValueError(f"{path} has dtype {meta['dtype']!r}; only uint16 token files are supported")
+        raise ValueError(
+            f"{path} has dtype {meta['dtype']!r}; only uint16 token files are supported"
+        )
     return meta
 
 
@@ -77,7 +89,9 @@ class TokenDataset:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["dtype"])
 
-    def batch(self, offsets: Sequence[int] | np.ndarray | torch.Tensor, seq_len: int) -> torch.Tensor:
+    def batch(
+        self, offsets: Sequence[int] | np.ndarray | torch.Tensor, seq_len: int
+    ) -> torch.Tensor:
         """Gather windows tokens[offset : offset + seq_len] into a LongTensor of shape [B, seq_len].
 
         offsets are token positions, one per row. Each must satisfy
