@@ -33,6 +33,7 @@ class MambaOutput(NamedTuple):
     hidden: torch.Tensor  # (B, L, H)
     state: MambaState  # after the last token
     previous: MambaState | None  # after the second-to-last token, when asked for
+    states_at: MambaState | None = None  # conv (B, M, D, K-1) and ssm (B, M, nh, P, N) after chosen positions
 
 
 class Mamba2Mixer(nn.Module):
@@ -82,12 +83,14 @@ class Mamba2Mixer(nn.Module):
         chunk_size: int | None = None,
         return_previous: bool = False,
         scan: str = "chunked",
+        return_states_at: list[int] | None = None,
     ) -> MambaOutput:
         """Mix ``hidden`` (B, L, H) starting from ``state`` (zeros when ``None``).
 
         ``pad_mask`` (B, L), True on real tokens: padded positions feed zeros to the conv and use
         dt = 0, so they leave both states untouched. ``return_previous`` also returns the state one
-        token before the end. ``scan="sequential"`` runs the slow reference recurrence.
+        token before the end. ``return_states_at`` also returns both states after each listed
+        position (chunked scan only). ``scan="sequential"`` runs the slow reference recurrence.
         """
         batch, length, _ = hidden.shape
         if state is None:
@@ -122,16 +125,20 @@ class Mamba2Mixer(nn.Module):
                 previous_ssm = state.ssm if length == 1 else ssd_sequential(
                     x[:, :-1], dt[:, :-1], A, B[:, :-1], C[:, :-1], initial_state=state.ssm
                 )[1]
-        elif length == 1:
+        elif length == 1 and return_states_at is None:
             y, new_ssm = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
             previous_ssm = state.ssm if return_previous else None
         elif scan == "chunked":
-            positions = [length - 2] if return_previous else None
+            positions = list(return_states_at or [])
+            if return_previous and length >= 2:
+                positions.append(length - 2)
             y, new_ssm, at = ssd_chunk_scan(
-                x, dt, A, B, C, chunk_size or self.chunk_size, initial_state=state.ssm, return_states_at=positions
+                x, dt, A, B, C, chunk_size or self.chunk_size, initial_state=state.ssm,
+                return_states_at=positions or None,
             )
-            previous_ssm = at[:, 0] if return_previous else None
+            if return_previous:
+                previous_ssm = at[:, -1] if length >= 2 else state.ssm
         else:
             raise ValueError(f"scan={scan!r} is invalid; expected 'chunked' or 'sequential'")
 
@@ -139,4 +146,13 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.flatten(-2).to(hidden.dtype), z)
         out = self.out_proj(y)
         previous = MambaState(previous_conv, previous_ssm) if return_previous else None
-        return MambaOutput(out, MambaState(new_conv, new_ssm), previous)
+        states_at = None
+        if return_states_at is not None:
+            if scan != "chunked":
+                raise ValueError("return_states_at needs scan='chunked'")
+            # After position p the conv state holds raw inputs p-K+2 .. p: window[p+1 : p+K].
+            index = torch.as_tensor(return_states_at, dtype=torch.long, device=window.device)
+            offsets = index[:, None] + 1 + torch.arange(self.conv_kernel - 1, device=window.device)[None]
+            conv_at = window[:, :, offsets].permute(0, 2, 1, 3)  # (B, M, D, K-1)
+            states_at = MambaState(conv_at, at[:, : len(return_states_at)])
+        return MambaOutput(out, MambaState(new_conv, new_ssm), previous, states_at)

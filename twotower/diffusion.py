@@ -1,0 +1,384 @@
+"""Two-tower generation: block-wise mask diffusion (the flagship) and mock-AR.
+
+Mask diffusion, per block of S positions that start as the mask token, for at most T steps:
+
+1. ``t`` = each row's masked fraction of the block (per row; the reference averaged it over the batch);
+2. denoiser logits, with the mask token (and any suppressed ids) forbidden;
+3. a prediction per position (argmax at temperature 0, else Gumbel-max on the tempered, filtered
+   distribution) and its confidence: the untempered probability of the predicted token;
+   already committed positions keep their token;
+4. commit ``k`` positions per row (``commit_counts``): the masked positions above the confidence
+   threshold, at least one, at least ``ceil(masked / (T - step))`` so the block finishes in T steps;
+5. once no mask is left, extend the context tower by the block in one causal pass.
+
+Every rule is a small function over the whole batch; no Python loop runs over rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from twotower.generation import (
+    GenerationOutput,
+    GenerationStats,
+    TokenChunk,
+    check_generation_args,
+    drive,
+    eos_tensor,
+    finish,
+    prepare_prompt,
+)
+from twotower.sampling import check_sampling_args, filter_top_k_top_p, gumbel_noise, make_generator, suppress_tokens
+
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------- sampler rules
+
+
+def commit_counts(
+    confidence: torch.Tensor, masked: torch.Tensor, threshold: float, step: int, steps: int
+) -> torch.Tensor:
+    """How many masked positions each row commits at ``step`` (0-based) of ``steps``; returns (B,).
+
+    ``max(#masked above threshold, 1)``, raised to ``ceil(masked / (steps - step))`` so that the
+    block finishes within ``steps`` passes, capped at the number masked. The last step therefore
+    commits every remaining position.
+    """
+    n_masked = masked.sum(-1)
+    above = ((confidence > threshold) & masked).sum(-1)
+    floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")
+    k = torch.maximum(above.clamp(min=1), floor)
+    return torch.minimum(k, n_masked)
+
+
+def select_commits(confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, S): the ``counts[b]`` most confident masked positions of each row."""
+    scores = confidence.masked_fill(~masked, NEG_INF)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < counts[:, None]) & masked
+
+
+def predict(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (predicted ids, confidence), both (B, S), from constrained fp32 logits (B, S, V)."""
+    log_probs = logits.log_softmax(-1)
+    if temperature == 0:
+        tokens = log_probs.argmax(-1)
+    else:
+        scores = filter_top_k_top_p(logits / temperature, top_k, top_p)
+        tokens = (scores + gumbel_noise(scores.shape, scores.device, generator)).argmax(-1)
+    confidence = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
+    return tokens, confidence
+
+
+@dataclass
+class DenoiseStep:
+    """One denoiser pass, for live views and traces: rows are the ones still generating."""
+
+    block_index: int
+    step: int
+    rows: list[int]  # original batch rows of the active rows
+    block: torch.Tensor  # (B_active, S) tokens after this step (mask id where still masked)
+    committed_now: torch.Tensor  # (B_active, S) positions committed in this step
+    confidence: torch.Tensor  # (B_active, S) confidence of each position's prediction
+
+
+# ---------------------------------------------------------------------- shared setup
+
+
+def _check_two_tower_args(model, mask_token_id: int, block_size: int, steps_per_block: int, threshold: float) -> None:
+    vocab = model.config.vocab_size
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} is invalid: expected an integer >= 1")
+    if not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool) or steps_per_block < 1:
+        raise ValueError(f"steps_per_block={steps_per_block!r} is invalid: expected an integer >= 1")
+    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"confidence_threshold={threshold!r} is invalid: expected a number in [0, 1]")
+    if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
+        raise ValueError(f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={vocab})")
+
+
+def _suppressed_ids(mask_token_id: int, suppress_token_ids: list[int] | None, device) -> torch.Tensor:
+    ids = sorted({mask_token_id, *(suppress_token_ids or [])})
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------- mask diffusion
+
+
+def _mask_diffusion_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    block_size: int,
+    steps_per_block: int,
+    mask_token_id: int,
+    temperature: float,
+    confidence_threshold: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+    suppress_token_ids: list[int] | None,
+    on_step: Callable[[DenoiseStep], None] | None,
+) -> Generator[TokenChunk, None, GenerationOutput]:
+    start = time.perf_counter()
+    ctx_device, den_device = model.context_device, model.denoiser_device
+    batch, prompt_length = input_ids.shape
+    stats = GenerationStats(prompt_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel())
+    eos = eos_tensor(eos_token_id, den_device)
+    suppress = _suppressed_ids(mask_token_id, suppress_token_ids, den_device)
+
+    cache = model.new_cache(batch, capacity=prompt_length + max_new_tokens)
+    with torch.inference_mode():
+        model.extend_context(input_ids.to(ctx_device), cache, attention_mask=attention_mask)
+    stats.prefill_s = time.perf_counter() - start
+
+    generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=den_device)
+    active = torch.arange(batch, device=den_device)  # original rows still generating
+    produced = 0
+    block_index = 0
+    while produced < max_new_tokens and active.numel():
+        size = min(block_size, max_new_tokens - produced)
+        n_rows = active.numel()
+        block = torch.full((n_rows, size), mask_token_id, dtype=torch.long, device=den_device)
+        masked = torch.ones(n_rows, size, dtype=torch.bool, device=den_device)
+        context = cache if ctx_device == den_device else cache.clone().to(den_device)
+
+        passes = 0
+        for step in range(steps_per_block):
+            t0 = time.perf_counter()
+            t = masked.sum(-1).float() / size  # per-row masked fraction
+            with torch.inference_mode():
+                logits = model.denoise(block, context, t)
+            passes += 1
+            t1 = time.perf_counter()
+            stats.denoise_s += t1 - t0
+
+            logits = suppress_tokens(logits, suppress)
+            tokens, confidence = predict(logits, temperature, top_k, top_p, generator)
+            counts = commit_counts(confidence, masked, confidence_threshold, step, steps_per_block)
+            commit = select_commits(confidence, masked, counts)
+            block = torch.where(commit, tokens, block)
+            masked = masked & ~commit
+            stats.sampling_s += time.perf_counter() - t1
+            if on_step is not None:
+                on_step(DenoiseStep(block_index, step, active.tolist(), block.clone(), commit, confidence))
+            if not bool(masked.any()):  # the one host sync per step the commit rule needs
+                break
+        stats.denoiser_passes += passes
+        stats.passes_per_block.append(passes)
+        stats.blocks += 1
+
+        generated[active, produced : produced + size] = block
+        produced += size
+        block_index += 1
+
+        # Rows that committed EOS stop here; tokens after their EOS become padding in finish().
+        done = torch.isin(block, eos).any(-1) if eos is not None else torch.zeros(n_rows, dtype=torch.bool, device=den_device)
+        chunk_tokens = []
+        for row_block, row_done in zip(block.tolist(), done.tolist()):
+            if row_done:
+                first = next(i for i, tok in enumerate(row_block) if tok in set(eos.tolist()))
+                row_block = row_block[: first + 1]
+            chunk_tokens.append(row_block)
+        per_row = [[] for _ in range(batch)]
+        finished = [True] * batch
+        for row, tokens_of_row, row_done in zip(active.tolist(), chunk_tokens, done.tolist()):
+            per_row[row] = tokens_of_row
+            finished[row] = row_done or produced >= max_new_tokens
+        yield TokenChunk(per_row, finished)
+
+        if produced >= max_new_tokens:
+            break
+        keep = ~done
+        if not bool(keep.all()):
+            keep_idx = keep.nonzero()[:, 0]
+            active = active[keep_idx]
+            block = block[keep_idx]
+            cache.select_rows(keep_idx.to(ctx_device))
+        if active.numel():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.extend_context(block.to(ctx_device), cache)
+            stats.context_passes += 1
+            stats.context_s += time.perf_counter() - t0
+
+    stats.total_s = time.perf_counter() - start
+    return finish(input_ids.to(den_device), generated[:, :produced], eos, pad_token_id, stats)
+
+
+def stream_mask_diffusion(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 128,
+    block_size: int = 16,
+    steps_per_block: int = 16,
+    mask_token_id: int | None = None,
+    temperature: float = 0.0,
+    confidence_threshold: float = 0.9,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    suppress_token_ids: list[int] | None = None,
+    on_step: Callable[[DenoiseStep], None] | None = None,
+) -> Generator[TokenChunk, None, GenerationOutput]:
+    """Yield one ``TokenChunk`` per block; the final ``GenerationOutput`` is the StopIteration value.
+
+    Arguments are those of ``generate_mask_diffusion``.
+    """
+    mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
+    check_generation_args(max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p)
+    _check_two_tower_args(model, mask_token_id, block_size, steps_per_block, confidence_threshold)
+    input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    return (yield from _mask_diffusion_steps(
+        model, input_ids, attention_mask, max_new_tokens, block_size, steps_per_block, mask_token_id,
+        float(temperature), float(confidence_threshold), top_k, top_p, eos_token_id, pad,
+        make_generator(seed, generator), suppress_token_ids, on_step,
+    ))
+
+
+def generate_mask_diffusion(
+    model, input_ids: torch.Tensor, streamer: Any = None, return_dict_in_generate: bool = False, **kwargs: Any
+) -> torch.Tensor | GenerationOutput:
+    """Generate with block-wise mask diffusion.
+
+    Keyword arguments: ``max_new_tokens`` (any value; the last block is shorter when needed),
+    ``block_size`` S, ``steps_per_block`` T, ``mask_token_id`` (default: the config's, 3 in the
+    release), ``temperature`` (0 = greedy), ``confidence_threshold`` in [0, 1], ``eos_token_id``,
+    ``attention_mask`` (left padding), ``top_k``, ``top_p``, ``seed`` or ``generator``,
+    ``suppress_token_ids`` (the mask id is always suppressed), ``pad_token_id`` and ``on_step`` (a
+    callback receiving a ``DenoiseStep`` after every pass). Returns sequences (B, prompt + new)
+    with padding after each row's first EOS, or the ``GenerationOutput`` with finish reasons and
+    statistics when ``return_dict_in_generate``.
+    """
+    output = drive(stream_mask_diffusion(model, input_ids, **kwargs), streamer, prompt=input_ids)
+    return output if return_dict_in_generate else output.sequences
+
+
+# ---------------------------------------------------------------------- mock-AR
+
+
+def _mock_ar_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+    suppress: torch.Tensor,
+) -> Generator[TokenChunk, None, GenerationOutput]:
+    start = time.perf_counter()
+    ctx_device, den_device = model.context_device, model.denoiser_device
+    batch, prompt_length = input_ids.shape
+    stats = GenerationStats(prompt_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel())
+    eos = eos_tensor(eos_token_id, den_device)
+
+    # The denoiser reads the context one token back, so the cache keeps the previous Mamba states.
+    cache = model.new_cache(batch, capacity=prompt_length + max_new_tokens, track_previous=True)
+    with torch.inference_mode():
+        model.extend_context(input_ids.to(ctx_device), cache, attention_mask=attention_mask)
+    stats.prefill_s = time.perf_counter() - start
+
+    last = input_ids[:, -1:].to(den_device)
+    generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=den_device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=den_device)
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        context = cache if ctx_device == den_device else cache.clone().to(den_device)
+        with torch.inference_mode():
+            logits = model.denoise(last, context, None, context_length=cache.length - 1, mamba_states=context.mamba_previous)
+        stats.denoiser_passes += 1
+        t1 = time.perf_counter()
+        stats.denoise_s += t1 - t0
+
+        logits = suppress_tokens(logits[:, -1], suppress)
+        tokens, _ = predict(logits[:, None], temperature, top_k, top_p, generator)
+        tokens = tokens[:, 0].masked_fill(finished, pad_token_id)
+        generated[:, step] = tokens
+        was_finished = finished.clone()
+        if eos is not None:
+            finished = finished | torch.isin(tokens, eos)
+        stats.sampling_s += time.perf_counter() - t1
+        yield TokenChunk([[t] if not done else [] for t, done in zip(tokens.tolist(), was_finished.tolist())],
+                         finished.tolist())
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            generated = generated[:, : step + 1]
+            break
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.extend_context(tokens[:, None].to(ctx_device), cache)
+        stats.context_passes += 1
+        stats.context_s += time.perf_counter() - t0
+        last = tokens[:, None]
+
+    stats.total_s = time.perf_counter() - start
+    return finish(input_ids.to(den_device), generated, eos, pad_token_id, stats)
+
+
+def stream_mock_ar(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    suppress_token_ids: list[int] | None = None,
+    mask_token_id: int | None = None,
+) -> Generator[TokenChunk, None, GenerationOutput]:
+    """Yield one ``TokenChunk`` per token; arguments are those of ``generate_mock_ar``."""
+    check_generation_args(max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p)
+    input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
+    mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    suppress = _suppressed_ids(mask_token_id, suppress_token_ids, model.denoiser_device)
+    return (yield from _mock_ar_steps(
+        model, input_ids, attention_mask, max_new_tokens, float(temperature), top_k, top_p, eos_token_id, pad,
+        make_generator(seed, generator), suppress,
+    ))
+
+
+def generate_mock_ar(
+    model, input_ids: torch.Tensor, streamer: Any = None, return_dict_in_generate: bool = False, **kwargs: Any
+) -> torch.Tensor | GenerationOutput:
+    """Two-tower AR: the denoiser, without time conditioning, reads the last committed token against
+    the context one token back and predicts the next token; the context tower then appends it.
+
+    Keyword arguments: ``max_new_tokens``, ``temperature``, ``eos_token_id``, ``attention_mask``,
+    ``top_k``, ``top_p``, ``seed``/``generator``, ``suppress_token_ids``, ``pad_token_id``.
+    """
+    output = drive(stream_mock_ar(model, input_ids, **kwargs), streamer, prompt=input_ids)
+    return output if return_dict_in_generate else output.sequences
+
+
