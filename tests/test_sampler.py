@@ -1,0 +1,138 @@
+"""Mask-diffusion bookkeeping on a scripted fake denoiser: commit counts, fixed commits, block ends."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from twotower.diffusion import commit_counts, generate_mask_diffusion, select_commits
+
+VOCAB = 32
+MASK = 3
+
+
+class FakeCache:
+    def __init__(self, batch):
+        self.length = 0
+        self.batch = batch
+
+    def select_rows(self, rows):
+        self.batch = len(rows)
+        return self
+
+
+class ScriptedDenoiser:
+    """Returns seeded random logits with a strong mask-token logit, and records what it was given."""
+
+    def __init__(self, seed: int = 0, sharpness: float = 4.0):
+        self.config = SimpleNamespace(vocab_size=VOCAB, mask_token_id=MASK, pad_token_id=0)
+        self.context_device = self.denoiser_device = torch.device("cpu")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sharpness = sharpness
+        self.calls = []  # (block, t, logits)
+        self.extensions = []
+
+    def new_cache(self, batch, capacity=0, track_previous=False):
+        return FakeCache(batch)
+
+    def extend_context(self, ids, cache, attention_mask=None):
+        self.extensions.append(ids.clone())
+        cache.length += ids.shape[1]
+
+    def denoise(self, block, context, t):
+        logits = torch.randn(*block.shape, VOCAB, generator=self.generator) * self.sharpness
+        logits[..., MASK] = 50.0  # must be ignored by the sampler
+        self.calls.append((block.clone(), t.clone(), logits.clone()))
+        return logits
+
+
+def expected_count(confidences: list[float], threshold: float, step: int, steps: int) -> int:
+    """The commit rule, written independently with plain Python numbers."""
+    masked = len(confidences)
+    if masked == 0:
+        return 0
+    above = sum(1 for c in confidences if c > threshold)
+    k = max(above, 1)
+    k = max(k, math.ceil(masked / (steps - step)))
+    return min(k, masked)
+
+
+CASES = [(th, steps, size) for th in (0.0, 0.5, 1.0) for steps in (1, 4, 16, 32) for size in (1, 5, 16)]
+
+
+@pytest.mark.parametrize("threshold, steps, block_size", CASES)
+def test_commit_bookkeeping(threshold, steps, block_size):
+    fake = ScriptedDenoiser(seed=steps * 100 + block_size, sharpness=6.0 if threshold else 1.0)
+    trace = []
+    ids = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    max_new = 2 * block_size
+    out = generate_mask_diffusion(
+        fake, ids, max_new_tokens=max_new, block_size=block_size, steps_per_block=steps,
+        mask_token_id=MASK, confidence_threshold=threshold, return_dict_in_generate=True, on_step=trace.append,
+    )
+
+    # Every block finishes within steps_per_block passes; no mask token is ever emitted.
+    assert all(p <= steps for p in out.stats.passes_per_block)
+    assert len(out.stats.passes_per_block) == 2
+    assert not (out.new_tokens == MASK).any()
+    if threshold == 1.0:
+        # Confidence never exceeds 1, so the floor alone decides: exactly min(steps, S) passes.
+        assert out.stats.passes_per_block == [min(steps, block_size)] * 2
+
+    for call, event in zip(fake.calls, trace):
+        block_before, t, logits = call
+        masked_before = block_before == MASK
+        # t is each row's masked fraction of the block.
+        assert torch.allclose(t, masked_before.float().mean(-1))
+        probs = logits.clone()
+        probs[..., MASK] = float("-inf")
+        probs = probs.softmax(-1)
+        confidence = probs.max(-1).values
+        for row in range(block_before.shape[0]):
+            masked_conf = confidence[row][masked_before[row]].tolist()
+            want = expected_count(masked_conf, threshold, event.step, steps)
+            got = int(event.committed_now[row].sum())
+            assert got == want, (row, event.step)
+            # Committed positions were masked, and the most confident among the masked.
+            committed = event.committed_now[row]
+            assert not (committed & ~masked_before[row]).any()
+            if 0 < got < len(masked_conf):
+                lowest_taken = confidence[row][committed].min()
+                highest_left = confidence[row][masked_before[row] & ~committed].max()
+                assert lowest_taken >= highest_left
+        # Committed tokens never change afterwards.
+        kept = ~masked_before
+        assert torch.equal(event.block[kept], block_before[kept])
+        assert not (event.block[event.committed_now] == MASK).any()
+
+
+def test_commit_counts_rule_table():
+    conf = torch.tensor([[0.9, 0.8, 0.1, 0.05]])
+    masked = torch.tensor([[True, True, True, False]])
+    assert commit_counts(conf, masked, 0.5, step=0, steps=16).tolist() == [2]
+    assert commit_counts(conf, masked, 0.95, step=0, steps=16).tolist() == [1]  # at least one
+    assert commit_counts(conf, masked, 0.95, step=0, steps=2).tolist() == [2]  # ceil(3 / 2)
+    assert commit_counts(conf, masked, 0.95, step=15, steps=16).tolist() == [3]  # last step: all
+    assert commit_counts(conf, masked, 0.0, step=0, steps=16).tolist() == [3]  # capped at masked
+    none_left = torch.zeros_like(masked)
+    assert commit_counts(conf, none_left, 0.5, step=0, steps=4).tolist() == [0]
+
+
+def test_select_commits_takes_most_confident_masked():
+    conf = torch.tensor([[0.2, 0.99, 0.7, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    masked = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    chosen = select_commits(conf, masked, torch.tensor([2, 1]))
+    assert chosen.tolist() == [[False, False, True, True], [False, False, False, True]]
+
+
+def test_context_extended_once_per_block_with_committed_tokens():
+    fake = ScriptedDenoiser(seed=1)
+    ids = torch.randint(4, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    out = generate_mask_diffusion(fake, ids, max_new_tokens=12, block_size=5, steps_per_block=4, mask_token_id=MASK,
+                                  return_dict_in_generate=True)
+    # Prompt, then every block but the last (nothing reads the context after it).
+    assert [e.shape[1] for e in fake.extensions] == [4, 5, 5]
+    assert torch.equal(torch.cat(fake.extensions[1:], dim=1)[0], out.new_tokens[0, :10])
