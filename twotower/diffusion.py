@@ -166,6 +166,7 @@ def _mask_diffusion_steps(
             with torch.inference_mode():
                 logits = model.denoise(block, context, t)
             passes += 1
+            stats.row_passes += n_rows
             t1 = time.perf_counter()
             stats.denoise_s += t1 - t0
 
@@ -313,6 +314,7 @@ def _mock_ar_steps(
         with torch.inference_mode():
             logits = model.denoise(last, context, None, context_length=cache.length - 1, mamba_states=context.mamba_previous)
         stats.denoiser_passes += 1
+        stats.row_passes += int((~finished).sum())
         t1 = time.perf_counter()
         stats.denoise_s += t1 - t0
 

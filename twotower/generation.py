@@ -27,6 +27,7 @@ class GenerationStats:
     generated_tokens: int = 0
     context_passes: int = 0  # context-tower forwards after the prefill
     denoiser_passes: int = 0
+    row_passes: int = 0  # sum over passes (denoiser, or context in plain AR) of the rows still generating
     blocks: int = 0
     prefill_s: float = 0.0
     context_s: float = 0.0
@@ -37,9 +38,8 @@ class GenerationStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        """Generated tokens per denoiser pass, or per context pass in plain AR."""
-        passes = self.denoiser_passes or self.context_passes
-        return self.generated_tokens / passes if passes else 0.0
+        """Generated tokens per row and pass: up to the block size in mask diffusion, 1 in AR modes."""
+        return self.generated_tokens / self.row_passes if self.row_passes else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -201,6 +201,7 @@ def _ar_steps(
         logits = suppress_tokens(logits, suppress)
         tokens = sample_from_logits(logits, temperature, top_k, top_p, generator)
         tokens = tokens.masked_fill(finished, pad_token_id)
+        stats.row_passes += int((~finished).sum())
         generated[:, step] = tokens
         newly_finished = finished.clone()
         if eos is not None:
