@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twotower.config import NemotronHConfig
+from twotower.layers.kernels import fused_chunk_scan
 from twotower.layers.norms import GatedRMSNorm
 from twotower.layers.ssd import ssd_chunk_scan, ssd_sequential, ssd_step
 
@@ -61,13 +62,13 @@ class Mamba2Mixer(nn.Module):
         self._config = config
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
+    def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialise A, D and dt_bias as Mamba-2 does (dt log-uniform in [time_step_min, time_step_max])."""
         config = self._config
         self.A_log.copy_(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
         low, high = math.log(config.time_step_min), math.log(config.time_step_max)
-        dt = torch.exp(torch.rand(self.n_heads) * (high - low) + low).clamp(min=config.time_step_floor)
+        dt = torch.exp(torch.rand(self.n_heads, generator=generator) * (high - low) + low).clamp(min=config.time_step_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device | str) -> MambaState:
@@ -129,6 +130,10 @@ class Mamba2Mixer(nn.Module):
             y, new_ssm = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
             previous_ssm = state.ssm if return_previous else None
+        elif scan == "chunked" and not return_previous and return_states_at is None and (
+            fused := fused_chunk_scan(x, dt, A, B, C, chunk_size or self.chunk_size, state.ssm)
+        ) is not None:
+            y, new_ssm = fused
         elif scan == "chunked":
             positions = list(return_states_at or [])
             if return_previous and length >= 2:
