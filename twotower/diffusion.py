@@ -157,7 +157,7 @@ def _mask_diffusion_steps(
         n_rows = active.numel()
         block = torch.full((n_rows, size), mask_token_id, dtype=torch.long, device=den_device)
         masked = torch.ones(n_rows, size, dtype=torch.bool, device=den_device)
-        context = cache if ctx_device == den_device else cache.clone().to(den_device)
+        context = model.prepare_context(cache, size)
 
         passes = 0
         for step in range(steps_per_block):
@@ -310,9 +310,9 @@ def _mock_ar_steps(
     finished = torch.zeros(batch, dtype=torch.bool, device=den_device)
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
-        context = cache if ctx_device == den_device else cache.clone().to(den_device)
+        context = model.prepare_context(cache, 1, context_length=cache.length - 1, mamba_states=cache.mamba_previous)
         with torch.inference_mode():
-            logits = model.denoise(last, context, None, context_length=cache.length - 1, mamba_states=context.mamba_previous)
+            logits = model.denoise(last, context, None)
         stats.denoiser_passes += 1
         stats.row_passes += int((~finished).sum())
         t1 = time.perf_counter()

@@ -18,10 +18,9 @@ matches where Megatron-LM fuses the norm in the released training code. Without 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +150,45 @@ class TwoTowerForCausalLM(nn.Module):
             t = t.expand(batch)
         return time_embedding(self.t_embedder, self.t_block, t)
 
+    def prepare_context(
+        self,
+        cache: HybridCache,
+        block_size: int,
+        context_length: int | None = None,
+        mamba_states: dict[int, MambaState] | None = None,
+    ) -> "DenoiserContext":
+        """Gather once per block what every denoiser pass reads from the context cache.
+
+        When the block reads the whole context and the cache has room, block K/V are written into
+        the cache's free positions ``[length, length + S)`` instead of concatenated with the context
+        K/V on every pass. Those positions hold no context: the next extension overwrites them.
+        """
+        device = self.denoiser_device
+        batch = cache.batch_size
+        length = cache.length if context_length is None else context_length
+        states = cache.mamba if mamba_states is None else mamba_states
+        same_device = cache.device == device
+        scratch = same_device and length == cache.length and cache.capacity >= length + block_size
+
+        key_mask = cache.key_mask[:, :length].to(device)
+        if bool(key_mask.all()):
+            attn_mask = None
+        else:
+            full = torch.cat([key_mask, key_mask.new_ones(batch, block_size)], dim=1)
+            attn_mask = full[:, None, None, :]  # every block position sees the same keys
+
+        if scratch:
+            keys, values = cache.keys, cache.values
+        else:
+            keys = {i: k[:, :, :length].to(device) for i, k in cache.keys.items()}
+            values = {i: v[:, :, :length].to(device) for i, v in cache.values.items()}
+        seeds = {i: MambaState(s.conv.to(device), s.ssm.to(device)) for i, s in states.items()}
+        return DenoiserContext(length, block_size, keys, values, seeds, attn_mask, scratch)
+
     def denoise(
         self,
         block_ids: torch.Tensor,
-        context: HybridCache,
+        context: "HybridCache | DenoiserContext",
         t: torch.Tensor | float | None,
         context_length: int | None = None,
         mamba_states: dict[int, MambaState] | None = None,
@@ -162,33 +196,24 @@ class TwoTowerForCausalLM(nn.Module):
         """Run the denoiser over ``block_ids`` (B, S) against ``context``; return fp32 logits (B, S, V).
 
         ``t`` (B,) is each row's masked fraction, or ``None`` for no time conditioning (mock-AR).
-        ``context_length`` limits the context K/V used (default: all of it) and ``mamba_states``
-        replaces the context's current Mamba states (mock-AR reads the states one token back).
-        The context cache is only read.
+        ``context`` is a cache, or a ``DenoiserContext`` from ``prepare_context`` (reused across the
+        passes of one block). ``context_length`` limits the context K/V used (default: all of it)
+        and ``mamba_states`` replaces the context's current Mamba states (mock-AR reads the states
+        one token back). The context itself is never modified.
         """
         batch, block = block_ids.shape
-        device = self.denoiser_device
-        length = context.length if context_length is None else context_length
-        states = context.mamba if mamba_states is None else mamba_states
-        key_mask = context.key_mask[:, :length].to(device)
-        if bool(key_mask.all()):
-            attn_mask = None
-        else:
-            full = torch.cat([key_mask, key_mask.new_ones(batch, block)], dim=1)
-            attn_mask = full[:, None, None, :]  # every block position sees the same keys
+        if isinstance(context, HybridCache):
+            context = self.prepare_context(context, block, context_length, mamba_states)
+        elif context.block_size != block:
+            raise ValueError(f"block of {block} tokens does not match the prepared context's block_size={context.block_size}")
 
         embedding = self.time_embedding(t, batch)
-        x = self.denoiser_tower.embeddings(block_ids.to(device))
+        x = self.denoiser_tower.embeddings(block_ids.to(self.denoiser_device))
         for i, layer in enumerate(self.denoiser_tower.layers):
             if layer.block_type == MAMBA:
-                seed = MambaState(states[i].conv.to(device), states[i].ssm.to(device))
-                mixer = lambda h, layer=layer, seed=seed: layer.mixer(h, seed).hidden  # noqa: E731
+                mixer = lambda h, layer=layer, seed=context.seeds[i]: layer.mixer(h, seed).hidden  # noqa: E731
             elif layer.block_type == ATTENTION:
-                ctx_k = context.keys[i][:, :, :length].to(device)
-                ctx_v = context.values[i][:, :, :length].to(device)
-                mixer = lambda h, layer=layer, ctx_k=ctx_k, ctx_v=ctx_v: _attend_over_context(  # noqa: E731
-                    layer, h, ctx_k, ctx_v, attn_mask
-                )
+                mixer = lambda h, layer=layer, i=i: context.attend(layer, i, h)  # noqa: E731
             else:
                 mixer = layer.mixer
             x = self.denoiser_layer(layer, x, embedding, mixer)
@@ -303,7 +328,27 @@ class TwoTowerForCausalLM(nn.Module):
         save_state_dict(self.state_dict(), path, max_shard_size=max_shard_size)
 
 
-def _attend_over_context(layer: NemotronHBlock, h, ctx_k, ctx_v, attn_mask) -> torch.Tensor:
-    """Bidirectional attention of the block over [context K/V | block K/V] (no causal mask)."""
-    q, k, v = layer.mixer.project(h)
-    return layer.mixer.attend(q, torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2), attn_mask)
+@dataclass
+class DenoiserContext:
+    """The context as the denoiser reads it during one block (see ``prepare_context``)."""
+
+    length: int
+    block_size: int
+    keys: dict[int, torch.Tensor]  # (B, n_kv, >= length, P)
+    values: dict[int, torch.Tensor]
+    seeds: dict[int, MambaState]
+    attn_mask: torch.Tensor | None  # (B, 1, 1, length + S) or None when no key is padding
+    scratch: bool  # block K/V go to positions [length, length + S) of the buffers
+
+    def attend(self, layer: NemotronHBlock, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Bidirectional attention of the block over [context K/V | block K/V] (no causal mask)."""
+        q, k, v = layer.mixer.project(h)
+        if self.scratch:
+            end = self.length + k.shape[2]
+            self.keys[index][:, :, self.length : end] = k
+            self.values[index][:, :, self.length : end] = v
+            keys, values = self.keys[index][:, :, :end], self.values[index][:, :, :end]
+        else:
+            keys = torch.cat([self.keys[index], k], dim=2)
+            values = torch.cat([self.values[index], v], dim=2)
+        return layer.mixer.attend(q, keys, values, self.attn_mask)
