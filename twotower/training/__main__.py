@@ -1,0 +1,5 @@
+import sys
+
+from twotower.training.cli import main
+
+sys.exit(main())
