@@ -76,6 +76,19 @@ class Mamba2Mixer(nn.Module):
         ssm = torch.zeros(batch, self.n_heads, self.head_dim, self.state_size, dtype=torch.float32, device=device)
         return MambaState(conv, ssm)
 
+    def _depthwise_conv(self, window: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv of ``window`` (B, D, K-1+L) -> (B, D, L), without padding."""
+        if window.shape[-1] - (self.conv_kernel - 1) <= 4:
+            # For a few tokens (decoding, short chunks) a multiply-add over K taps beats the conv
+            # kernel's setup cost several times over on CPU.
+            # Accumulating in fp32 keeps bf16 models as accurate as the conv kernel.
+            taps = window.unfold(-1, self.conv_kernel, 1).float()  # (B, D, L, K)
+            out = (taps * self.conv1d.weight[:, 0, None, :].float()).sum(-1)
+            if self.conv1d.bias is not None:
+                out = out + self.conv1d.bias[:, None].float()
+            return out.to(window.dtype)
+        return F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -103,7 +116,7 @@ class Mamba2Mixer(nn.Module):
 
         # Causal depthwise conv over [conv history | new inputs]; the history is the conv state.
         window = torch.cat([state.conv.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, D, K-1+L)
-        xBC = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
+        xBC = F.silu(self._depthwise_conv(window)).transpose(1, 2)
         new_conv = window[..., -(self.conv_kernel - 1) :]
         previous_conv = window[..., -self.conv_kernel : -1] if return_previous else None
 
