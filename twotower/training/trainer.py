@@ -487,6 +487,11 @@ def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
                 (loss / config.grad_accum).backward()
             step_loss += float(loss.detach()) / config.grad_accum
 
+        # An expert that received no token has no gradient. Give it zeros so that AdamW still applies
+        # momentum and weight decay to it, as FSDP2 does after reduce-scattering zeros for it.
+        for parameter in trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         if config.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip))
         else:
