@@ -165,25 +165,10 @@ def _add_serve_parser(commands) -> None:
     parser.set_defaults(handler=run_serve)
 
 
-def _add_train_parser(commands) -> None:
-    training = _optional_module("twotower.training")
-    add_arguments = getattr(training, "add_train_arguments", None)
-    parser = commands.add_parser("train", help="train the denoiser tower (stage 2)",
-                                 description="Train the denoiser tower of a two-tower model.")
-    if add_arguments is not None and getattr(training, "run_from_args", None) is not None:
-        add_arguments(parser)
-        parser.set_defaults(handler=lambda args: training.run_from_args(args) or 0)
-    else:
-        parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        parser.set_defaults(handler=lambda args: _missing("train", "twotower.training has no "
-                                                         "add_train_arguments/run_from_args"))
-
-
-def _add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="evaluate a model (twotower.evaluation)", add_help=False,
-                                 description="Run twotower.evaluation's command line with the remaining arguments.")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to twotower.evaluation")
-    parser.set_defaults(handler=run_eval)
+def _add_delegating_parser(commands, name: str, help_text: str) -> None:
+    # main() hands these commands their raw arguments before this parser runs; it exists for --help.
+    parser = commands.add_parser(name, help=help_text, add_help=False)
+    parser.add_argument("args", nargs=argparse.REMAINDER)
 
 
 def _add_bench_parser(commands) -> None:
@@ -211,13 +196,12 @@ def _add_convert_parser(commands) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="twotower", description="Two-tower block-diffusion language models.")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
     _add_generate_parser(commands)
     _add_serve_parser(commands)
-    _add_train_parser(commands)
-    _add_eval_parser(commands)
+    _add_delegating_parser(commands, "train", "train a tower or the denoiser (twotower train --help lists the options)")
+    _add_delegating_parser(commands, "eval", "evaluate a model (runs twotower.evaluation with the remaining arguments)")
     _add_bench_parser(commands)
     _add_convert_parser(commands)
     return parser
@@ -469,8 +453,7 @@ class _OutputWriter:
 def run_serve(args: argparse.Namespace) -> int:
     from twotower import server
 
-    level = logging.DEBUG if args.verbose else getattr(logging, args.log_level.upper())
-    logging.getLogger("twotower").setLevel(level)
+    logging.getLogger("twotower").setLevel(args.log_level.upper())
     pipeline = load_pipeline_from_args(args)
     name = args.served_model_name or resolve_model_dir(args.model).name
     limits = server.ServerLimits(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
@@ -479,13 +462,25 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run_train(argv: list[str]) -> int:
+    training_cli = _optional_module("twotower.training.cli")
+    add_arguments = getattr(training_cli, "add_train_arguments", None)
+    run_from_args = getattr(training_cli, "run_from_args", None)
+    if add_arguments is None or run_from_args is None:
+        return _missing("train", "twotower.training.cli has no add_train_arguments/run_from_args")
+    parser = ArgumentParser(prog="twotower train", description="Train a Nemotron-H tower (stage 1) or the "
+                                                               "denoiser of a two-tower model (stage 2).")
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+def run_eval(argv: list[str]) -> int:
     evaluation = _optional_module("twotower.evaluation")
     entry = getattr(evaluation, "main", None)
     if entry is None:
         return _missing("eval", "the module twotower.evaluation or its main() is missing")
-    status = entry(list(args.args))
-    return int(status or 0)
+    return int(entry(argv) or 0)
 
 
 def benchmarks_dir() -> Path:
@@ -540,18 +535,23 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = {"train": run_train, "eval": run_eval}
+    if argv and argv[0] in delegated:
+        # These commands parse their own options, so errors in their modules never break the others.
+        command, handler, handler_args = argv[0], delegated[argv[0]], argv[1:]
+    else:
+        args = build_parser().parse_args(argv)
+        command, handler, handler_args = args.command, args.handler, args
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        return int(handler(handler_args) or 0)
     except (CommandError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError,
             PermissionError) as error:
-        print(f"twotower {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"twotower {command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"twotower {args.command}: interrupted", file=sys.stderr)
+        print(f"twotower {command}: interrupted", file=sys.stderr)
         return 130
 
 

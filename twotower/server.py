@@ -88,6 +88,7 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running: list[Job] = []
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows of recent batches
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -154,6 +155,7 @@ class Scheduler:
             if not batch:
                 continue
             self._running = list({job.id: job for job, _ in batch}.values())
+            self.batch_sizes.append(len(batch))
             try:
                 await loop.run_in_executor(self.executor, self._run_batch, batch)
             finally:
@@ -297,7 +299,8 @@ async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
                 yield _sse(_chunk(job, row, _echo_prefix(job, row), None))
         while len(results) < len(job.rows):
             event = await _next_event(job, request)
-            if event is None:
+            # Events can arrive faster than the poll interval, so check the connection between chunks too.
+            if event is None or await request.is_disconnected():
                 logger.info("request %s cancelled: the client disconnected", job.id)
                 return
             kind = event[0]
