@@ -314,9 +314,11 @@ def test_two_gloo_processes_match_one(tmp_path, corpus, stage1_tower, strategy):
         "--eval-interval", "3", "--eval-batches", "3", "--device", "cpu", "--threads", "1", "--no-progress",
     ]
     single = run_cli([*common, "--run-dir", str(tmp_path / "one"), "--grad-accum", "2"], processes=1)
-    double = run_cli(
-        [*common, "--run-dir", str(tmp_path / "two"), "--grad-accum", "1", "--distributed", strategy], processes=2
-    )
+    # The two-process run is interrupted after step 2 and resumed, which also tests resuming a sharded run.
+    distributed = [*common, "--run-dir", str(tmp_path / "two"), "--grad-accum", "1", "--distributed", strategy]
+    interrupted = run_cli([*distributed, "--stop-at-step", "2"], processes=2)
+    assert interrupted["step"] == 2
+    double = run_cli(distributed, processes=2)
     assert double["step"] == single["step"] == 3
     assert double["final_loss"] == pytest.approx(single["final_loss"], rel=DISTRIBUTED_TOLERANCE)
     assert double["val_losses"]["3"] == pytest.approx(single["val_losses"]["3"], rel=DISTRIBUTED_TOLERANCE)
