@@ -6,8 +6,13 @@ import html
 import io
 import json
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+
+import httpx
 
 import pytest
 from tokenizers import Tokenizer
@@ -237,3 +242,33 @@ def test_convert_single_tower(capsys, tmp_path, model_dir):
     status, _, err = run_cli(capsys, ["convert", str(source), str(target)])
     _assert_one_line_error(status, err)
     assert "already contains a checkpoint" in err
+
+
+def test_serve_command_answers_health(model_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twotower.cli", "serve", "--model", str(model_dir), "--port", str(port),
+         "--served-model-name", "tiny", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start within 120 s"
+                time.sleep(0.2)
+        assert response.json()["model"] == "tiny"
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "starting server" in err
+    assert "stopped serving model tiny" in err

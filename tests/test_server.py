@@ -220,6 +220,9 @@ def test_stop_token_ids_and_ignore_eos(client, server):
         ({"prompt": "word " * 100}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"user": 5}, "user"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"best_of": 3}, "best_of"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
     ],
 )
 def test_invalid_field_400(client, fields, param):
@@ -289,6 +292,19 @@ def test_chat_with_template(chat_server):
 
 
 # ---------------------------------------------------------------------- concurrency and cancellation
+
+
+def test_sampled_n_larger_than_batch(chat_server):
+    # max_batch_rows is 4 here, so six sampled copies run as two batches.
+    client = chat_server.client()
+    request = dict(model=MODEL, prompt="Shall I", n=6, temperature=1.0, seed=3, max_tokens=8,
+                   extra_body={"mode": "ar"})
+    first = [c.text for c in client.completions.create(**request).choices]
+    again = [c.text for c in client.completions.create(**request).choices]
+    assert first == again, "a seeded request is reproducible"
+    assert len(first) == 6
+    assert first[4:] != first[:2], "the second batch must not repeat the first batch's samples"
+    assert len(set(first)) > 1
 
 
 def test_concurrent_clients_match_alone(server):

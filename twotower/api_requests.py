@@ -219,7 +219,32 @@ def _read_sampler(body: dict, pipeline: TextPipeline, limits: ServerLimits, max_
     }
 
 
+UNSUPPORTED_FIELDS = {
+    # field: the values besides null that mean "not used" and are accepted
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "best_of": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+}
+
+
+def reject_unsupported(body: dict) -> None:
+    """Raise 400 for OpenAI fields this server does not implement, unless they have their neutral value."""
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        # Compare types too, because True == 1 and 0 == False in Python.
+        if not any(value == v and type(value) is type(v) for v in neutral):
+            raise invalid(name, f"{value!r} is not supported by this server; omit the field")
+
+
 def _read_common(body: dict, request: GenerationRequest, limits: ServerLimits) -> None:
+    reject_unsupported(body)
     request.stream = read_bool(body, "stream")
     options = body.get("stream_options")
     if options is not None:

@@ -164,7 +164,11 @@ class Scheduler:
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         """Generate one batch on the worker thread, posting deltas and results to each job."""
         jobs = {job.id: job for job, _ in batch}.values()
-        sampler = batch[0][0].request.sampler
+        sampler = dict(batch[0][0].request.sampler)
+        first_row = batch[0][1]
+        if sampler["seed"] is not None and first_row > 0:
+            # A sampled request larger than one batch: later batches must not repeat the first one's draws.
+            sampler["seed"] += first_row
         prompts = [job.rows[row] for job, row in batch]
 
         def should_stop() -> bool:
