@@ -8,6 +8,8 @@ from twotower.training.objective import (
     mock_ar_loss,
     sample_noise,
 )
+from twotower.training.schedule import WarmupStableDecay
+from twotower.training.trainer import TrainConfig, train
 
 __all__ = [
     "context_features",
@@ -16,4 +18,7 @@ __all__ = [
     "masked_cross_entropy",
     "mock_ar_loss",
     "sample_noise",
+    "TrainConfig",
+    "train",
+    "WarmupStableDecay",
 ]
