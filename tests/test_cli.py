@@ -216,7 +216,7 @@ def test_missing_demo_model_message(capsys, monkeypatch, tmp_path):
 
 
 def test_console_entry_point_error(tmp_path):
-    # A fresh interpreter, as the console script runs it: the exit status and stderr are what a shell sees.
+    # A fresh interpreter, as the console script runs it, so the exit status and stderr are the real ones.
     result = subprocess.run(
         [sys.executable, "-m", "twotower.cli", "generate", "x", "--model", str(tmp_path / "absent")],
         capture_output=True, text=True, timeout=120,

@@ -201,6 +201,10 @@ def _read_sampler(body: dict, pipeline: TextPipeline, limits: ServerLimits, max_
     if mode not in MODES:
         raise invalid("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
     top_k = read_int(body, "top_k", minimum=-1)
+    if top_k is None:
+        top_k = defaults.top_k
+    elif top_k <= 0:  # -1 (vLLM's convention) and 0 both disable the filter
+        top_k = None
     temperature = read_number(body, "temperature", 0.0)
     threshold = read_number(body, "confidence_threshold", 0.0, 1.0)
     return {
@@ -208,7 +212,7 @@ def _read_sampler(body: dict, pipeline: TextPipeline, limits: ServerLimits, max_
         "max_new_tokens": max_tokens,
         "temperature": defaults.temperature if temperature is None else temperature,
         "top_p": read_number(body, "top_p", 0.0, 1.0, open_minimum=True) or defaults.top_p,
-        "top_k": defaults.top_k if top_k is None else (None if top_k <= 0 else top_k),  # -1 or 0: no filter
+        "top_k": top_k,
         "block_size": read_int(body, "block_size", minimum=1, maximum=limits.max_tokens) or defaults.block_size,
         "steps_per_block": read_int(body, "steps_per_block", minimum=1, maximum=4096) or defaults.steps_per_block,
         "confidence_threshold": defaults.confidence_threshold if threshold is None else threshold,
@@ -259,7 +263,9 @@ def _read_common(body: dict, request: GenerationRequest, limits: ServerLimits) -
     request.user = user
     rows = len(request.prompts) * request.n
     if rows > limits.max_request_rows:
-        param = "n" if request.n > 1 else ("messages" if request.kind == "chat" else "prompt")
+        param = "messages" if request.kind == "chat" else "prompt"
+        if request.n > 1:
+            param = "n"
         raise invalid(param, f"{len(request.prompts)} prompt(s) times n={request.n} gives {rows} outputs; "
                              f"the maximum per request is {limits.max_request_rows}")
     for ids in request.prompts:

@@ -81,7 +81,7 @@ def _port(text: str) -> int:
 
 
 def default_model_dir() -> Path:
-    """The demo model bundled with the package (``twotower/demo``)."""
+    """Return the directory of the demo model bundled with the package (``twotower/demo``)."""
     return Path(str(importlib.resources.files("twotower") / "demo"))
 
 
@@ -292,7 +292,7 @@ def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str | list[int
     if args.prompt is not None:
         return [args.prompt]
     if args.file is not None and str(args.file) != "-":
-        if not args.file.is_file():
+        if not args.file.exists():  # exists(), not is_file(), so that shell pipes such as <(...) work
             raise CommandError(f"prompt file not found: {args.file}")
         text = args.file.read_text(encoding="utf-8")
         source = str(args.file)
@@ -308,8 +308,8 @@ def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str | list[int
 
 
 def parse_prompt_lines(text: str, source: str) -> list[str | list[int]]:
-    """One prompt per non-empty line; lines starting with ``{`` are JSON objects with a ``prompt``
-    field holding a string or a list of token ids."""
+    """Split ``text`` into prompts, one per non-empty line. A line starting with ``{`` is a JSON
+    object whose ``prompt`` field contains a string or a list of token ids."""
     prompts: list[str | list[int]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

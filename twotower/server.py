@@ -4,9 +4,9 @@ One worker thread owns the model. Requests wait in a FIFO queue of at most ``max
 (503 when full). The scheduler batches the rows of waiting requests whose greedy sampler settings
 match, up to ``max_batch_rows`` prompts; a sampled request (temperature > 0) runs alone, so its
 seed gives the same tokens whatever else is queued. Only one generation runs at a time, so no two
-generations ever share a cache. A client that disconnects sets its request's cancel flag, which the
-generation loop checks after every chunk and every denoiser pass; a batch stops once all of its
-requests are cancelled.
+generations ever share a cache. A client that disconnects sets its request's cancel flag. The
+generation loop checks the flags after every chunk and every denoiser pass and stops once every
+request in the batch is cancelled.
 
 Streaming responses are server-sent events with one chunk per committed block in diffusion mode
 and per token in the AR modes, ending with ``data: [DONE]``.
