@@ -272,3 +272,32 @@ def test_serve_command_answers_health(model_dir):
     assert process.returncode == 0, err
     assert "starting server" in err
     assert "stopped serving model tiny" in err
+
+
+def test_no_progress_bar_without_terminal(capsys, model_dir):
+    status, _, err = run_cli(capsys, ["generate", PROMPT, "--model", str(model_dir), "--mode", "ar",
+                                      "--max-new-tokens", "4"])
+    assert status == 0
+    assert err == "", "progress bars are drawn only when stderr is a terminal"
+
+
+def test_bench_runs_named_script(capfd, monkeypatch, tmp_path):
+    (tmp_path / "echo_args.py").write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path)
+
+    assert cli.main(["bench"]) == 0
+    assert capfd.readouterr().out.split() == ["echo_args"]
+
+    assert cli.main(["bench", "echo_args", "--size", "tiny"]) == 3
+    assert "args ['--size', 'tiny']" in capfd.readouterr().out
+
+    status = cli.main(["bench", "missing"])
+    _assert_one_line_error(status, capfd.readouterr().err)
+
+
+@pytest.mark.parametrize("command, option", [("train", "--stage"), ("eval", "--model")])
+def test_delegated_command_help(capsys, command, option):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0
+    assert option in capsys.readouterr().out

@@ -413,6 +413,9 @@ class TextPipeline:
         batch = _as_prompt_list(prompts)
         prompt_ids = [self.encode(p) for p in batch]
         input_ids, attention_mask = self._pad(prompt_ids)
+        # The loops move input_ids to the context tower's device but use attention_mask where it is.
+        input_ids = input_ids.to(self.model.context_device)
+        attention_mask = attention_mask.to(self.model.context_device)
         eos_ids = [] if settings.ignore_eos else list(self.eos_token_ids)
         eos_ids += [t for t in settings.stop_token_ids if t not in eos_ids]
         rows = [_RowState(i, self, settings.stop, set(eos_ids)) for i in range(len(batch))]

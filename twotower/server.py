@@ -189,6 +189,12 @@ class Scheduler:
             for result in results:
                 job, row = batch[result.index]
                 job.post(("result", row, result))
+        except ValueError as error:  # an argument check inside the generation loop
+            ids = ", ".join(job.id for job in jobs)
+            logger.warning("request(s) %s rejected by the generation loop: %s", ids, error)
+            failure = APIError(400, f"invalid request: {error}", code="invalid_value")
+            for job in jobs:
+                job.post(("error", failure))
         except Exception as error:  # report to every client in the batch, keep serving
             ids = ", ".join(job.id for job in jobs)
             logger.exception("generation failed for request(s) %s", ids)
