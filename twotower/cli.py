@@ -463,11 +463,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_train(argv: list[str]) -> int:
-    training_cli = _optional_module("twotower.training.cli")
-    add_arguments = getattr(training_cli, "add_train_arguments", None)
-    run_from_args = getattr(training_cli, "run_from_args", None)
-    if add_arguments is None or run_from_args is None:
-        return _missing("train", "twotower.training.cli has no add_train_arguments/run_from_args")
+    add_arguments = run_from_args = None
+    for name in ("twotower.training", "twotower.training.cli"):
+        module = _optional_module(name)
+        add_arguments = getattr(module, "add_train_arguments", None)
+        run_from_args = getattr(module, "run_from_args", None)
+        if add_arguments is not None and run_from_args is not None:
+            break
+    else:
+        return _missing("train", "neither twotower.training nor twotower.training.cli provides "
+                                 "add_train_arguments and run_from_args")
     parser = ArgumentParser(prog="twotower train", description="Train a Nemotron-H tower (stage 1) or the "
                                                                "denoiser of a two-tower model (stage 2).")
     add_arguments(parser)
@@ -546,8 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(handler(handler_args) or 0)
-    except (CommandError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError,
-            PermissionError) as error:
+    except (CommandError, CheckpointError, ValueError, OSError) as error:
         print(f"twotower {command}: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
