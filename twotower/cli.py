@@ -353,8 +353,41 @@ def _check_generate_arguments(args: argparse.Namespace, mode: str) -> None:
         raise CommandError(f"{option} needs --mode diffusion: the {mode} mode has no denoising steps")
 
 
+class _StepHooks:
+    """The ``on_step`` hook of --show-steps and --trace, or ``None`` as ``hook`` when neither is set."""
+
+    def __init__(self, args: argparse.Namespace, pipeline):
+        from twotower.trace import StepView, TraceRecorder
+
+        self.pipeline = pipeline
+        self.recorder = TraceRecorder(pipeline.token_text) if args.trace is not None else None
+        self.view = None
+        if args.show_steps:
+            ansi = sys.stderr.isatty()
+            width = shutil.get_terminal_size().columns if ansi else 80
+            self.view = StepView(sys.stderr, pipeline.token_text, pipeline.mask_token_id, ansi=ansi, width=width)
+
+    @property
+    def hook(self):
+        return self if self.view is not None or self.recorder is not None else None
+
+    def begin_batch(self, start: int, batch: list[str | list[int]]) -> None:
+        if self.recorder is not None:
+            self.recorder.begin_batch([p if isinstance(p, str) else self.pipeline.decode(p) for p in batch])
+        if self.view is not None:
+            self.view.begin_batch(start)
+
+    def __call__(self, event) -> None:
+        if self.view is not None:
+            self.view(event)
+        if self.recorder is not None:
+            self.recorder(event)
+
+
 def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stdin: TextIO | None = None) -> int:
-    from twotower.trace import StepView, TraceRecorder, write_html
+    from tqdm import tqdm
+
+    from twotower.trace import write_html
 
     stdout = stdout or sys.stdout
     prompts = read_prompts(args, stdin or sys.stdin)
@@ -364,56 +397,43 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stdin: 
     settings = pipeline.settings(args.mode, **_sampler_overrides(args))
     _check_generate_arguments(args, settings.mode)
 
-    recorder = TraceRecorder(pipeline.token_text) if args.trace is not None else None
-    view = None
-    if args.show_steps:
-        ansi = sys.stderr.isatty()
-        width = shutil.get_terminal_size().columns if ansi else 80
-        view = StepView(sys.stderr, pipeline.token_text, pipeline.mask_token_id, ansi=ansi, width=width)
-
-    def on_step(event) -> None:
-        if view is not None:
-            view(event)
-        if recorder is not None:
-            recorder(event)
-
+    hooks = _StepHooks(args, pipeline)
+    writer = _OutputWriter(stdout, args.json, args.stream, many=len(prompts) > 1)
     # Streaming plain text prints one prompt at a time, so that outputs never interleave.
     batch_size = 1 if args.stream and not args.json else args.batch_size
     show_bar = _show_progress(args) and not args.stream and not args.show_steps
-    writer = _OutputWriter(stdout, args.json, args.stream, many=len(prompts) > 1)
-    from tqdm import tqdm
-
     with tqdm(total=len(prompts) * settings.max_new_tokens, desc="generating", unit="tok", file=sys.stderr,
               disable=not show_bar, leave=False) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            if recorder is not None:
-                recorder.begin_batch([p if isinstance(p, str) else pipeline.decode(p) for p in batch])
-            if view is not None:
-                view.begin_batch(start)
-            needs_hook = view is not None or recorder is not None
-            steps = pipeline.stream(batch, on_step=on_step if needs_hook else None, **settings.__dict__)
-            produced = [0] * len(batch)
-            while True:
-                try:
-                    deltas = next(steps)
-                except StopIteration as done:
-                    results = done.value
-                    break
-                for delta in deltas:
-                    writer.chunk(start + delta.index, delta)
-                    produced[delta.index] += len(delta.token_ids)
-                    bar.update(len(delta.token_ids))
-                    if delta.finish_reason is not None:
-                        # The bar counts max_new_tokens per prompt, so a row that stops early fills the rest.
-                        bar.update(max(0, settings.max_new_tokens - produced[delta.index]))
-            for result in results:
-                result.index += start
-                writer.result(result)
-    if recorder is not None:
-        write_html(recorder, args.trace)
+            hooks.begin_batch(start, batch)
+            _generate_batch(pipeline, batch, start, settings, hooks.hook, writer, bar)
+
+    if hooks.recorder is not None:
+        write_html(hooks.recorder, args.trace)
         print(f"trace written to {args.trace}", file=sys.stderr)
     return 0
+
+
+def _generate_batch(pipeline, batch, start: int, settings, on_step, writer: "_OutputWriter", bar) -> None:
+    steps = pipeline.stream(batch, on_step=on_step, **settings.__dict__)
+    produced = [0] * len(batch)
+    while True:
+        try:
+            deltas = next(steps)
+        except StopIteration as done:
+            results = done.value
+            break
+        for delta in deltas:
+            writer.chunk(start + delta.index, delta)
+            produced[delta.index] += len(delta.token_ids)
+            bar.update(len(delta.token_ids))
+            if delta.finish_reason is not None:
+                # The bar counts max_new_tokens per prompt, so a row that stops early fills the rest.
+                bar.update(max(0, settings.max_new_tokens - produced[delta.index]))
+    for result in results:
+        result.index += start
+        writer.result(result)
 
 
 class _OutputWriter:
