@@ -339,7 +339,7 @@ class TextPipeline:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        """The text of a single token, special tokens included (for live views and traces)."""
+        """Return the text of a single token, special tokens included (for live views and traces)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def encode_batch(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +365,7 @@ class TextPipeline:
     # ------------------------------------------------------------------ generation
 
     def settings(self, mode: str | None = None, **overrides: Any) -> SamplerSettings:
-        """The model's defaults with ``overrides`` applied (``None`` values keep the default)."""
+        """Return the model's defaults with ``overrides`` applied (``None`` values keep the default)."""
         values = dict(self.defaults.__dict__)
         unknown = set(overrides) - set(values)
         if unknown:
@@ -447,9 +447,9 @@ class TextPipeline:
                                       zip(rows, chunk.tokens, chunk.finished)) if d is not None]
                 if deltas:
                     yield deltas
-                # Rows stopped by a stop string are unknown to the loop, which would go on
-                # generating for them; once all rows are done it is abandoned. Otherwise the
-                # loop ends by itself and returns its statistics.
+                # The loop does not know about stop strings and would go on generating for rows
+                # they stopped. So once every row is done and one was stopped that way, the loop is
+                # abandoned. Otherwise it ends by itself and returns its statistics.
                 if all(row.finish_reason is not None for row in rows) and any(row.stopped_by_string for row in rows):
                     break
         finally:
