@@ -345,7 +345,11 @@ async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
 
 
 def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
-    """Build the FastAPI application serving ``pipeline`` under the id ``model_name``."""
+    """Build the FastAPI application serving ``pipeline`` under the id ``model_name``.
+
+    Each application runs its own worker thread, so serve one pipeline from one application only:
+    two applications on the same pipeline would run generations on one model concurrently.
+    """
     limits = limits or ServerLimits()
     model_name = model_name or pipeline.name
     scheduler = Scheduler(pipeline, limits)
