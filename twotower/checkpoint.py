@@ -107,6 +107,19 @@ def iter_tensors(shards: dict[str, Path], names: list[str]) -> Iterator[tuple[st
                 raise CheckpointError(f"tensor {name} in shard {file} is unreadable: {error}") from error
 
 
+def stored_shapes(shards: dict[str, Path], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Read the shape of each tensor in ``names`` from its shard's header, without loading data."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(shards[name], []).append(name)
+    shapes = {}
+    for file, file_names in by_file.items():
+        handle = _open(file)
+        for name in file_names:
+            shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
@@ -153,14 +166,20 @@ def load_weights(
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}")
         raise CheckpointError(f"checkpoint {directory} does not match the model: " + "; ".join(parts))
 
+    # Shapes come from the shard headers, so every mismatched key is reported before any data is read.
+    mismatched = [
+        f"{name}: the model expects {tuple(expected[wanted[name]].shape)}, the checkpoint has {shape}"
+        for name, shape in stored_shapes(shards, list(wanted)).items()
+        if shape != tuple(expected[wanted[name]].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {directory} does not match the model: mismatched shapes ({len(mismatched)}): "
+            + "; ".join(mismatched)
+        )
+
     for name, tensor in iter_tensors(shards, list(wanted)):
         target = wanted[name]
-        reference = expected[target]
-        if tuple(tensor.shape) != tuple(reference.shape):
-            raise CheckpointError(
-                f"shape mismatch for {name}: the model expects {tuple(reference.shape)}, "
-                f"the checkpoint has {tuple(tensor.shape)}"
-            )
         if target.endswith(FP32_TENSORS):
             tensor = tensor.float()
         elif dtype is not None and tensor.is_floating_point():

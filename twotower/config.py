@@ -175,12 +175,11 @@ class NemotronHConfig:
             fail("moe_latent_size", "expected a positive integer or null")
         if self.moe_shared_expert_intermediate_size < 0:
             fail("moe_shared_expert_intermediate_size", "expected >= 0 (0 disables the shared expert)")
-        if not self.layer_norm_epsilon > 0:
-            fail("layer_norm_epsilon", "expected a positive number")
-        if self.routed_scaling_factor <= 0:
-            fail("routed_scaling_factor", "expected a positive number")
-        low, high = self.time_step_limit
-        if not (len(self.time_step_limit) == 2 and 0.0 <= low <= high):
+        for name in ("layer_norm_epsilon", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                fail(name, "expected a positive number")
+        if len(self.time_step_limit) != 2 or not 0.0 <= self.time_step_limit[0] <= self.time_step_limit[1]:
             fail("time_step_limit", "expected [low, high] with 0 <= low <= high (high may be Infinity)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
             value = getattr(self, name)

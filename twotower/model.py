@@ -150,7 +150,7 @@ class NemotronHModel(nn.Module):
             elif isinstance(module, (RMSNorm,)) or type(module).__name__ == "GatedRMSNorm":
                 module.weight.fill_(1.0)
             if isinstance(module, Mamba2Mixer):
-                module.reset_ssm_parameters()
+                module.reset_ssm_parameters(generator)
             if type(module).__name__ == "TopKRouter":
                 module.weight.normal_(0.0, std, generator=generator)
                 module.e_score_correction_bias.zero_()
