@@ -9,7 +9,7 @@ A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX`` containing
 * ``manifest.json``: size and SHA-256 of every other file, written last.
 
 The folder is assembled under a temporary name, every file and folder is fsynced, and the folder is
-renamed into place; then ``<run>/checkpoints/latest`` (a text file with the folder name) is
+renamed into place. Only then is ``<run>/checkpoints/latest``, a text file with the folder name,
 replaced atomically. A killed run therefore leaves either the previous checkpoint as latest or the
 new one complete. ``load_checkpoint`` re-checks the manifest and raises ``CheckpointCorruptError``
 when a file is missing, truncated or changed.
