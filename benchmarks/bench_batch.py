@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_thread_setting(args.threads)
-    torch.set_grad_enabled(False)
     model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
     diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
 

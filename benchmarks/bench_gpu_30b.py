@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
@@ -89,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, {"benchmark": "gpu_30b", "skipped": SKIP_MESSAGE, "machine": machine_info()})
         return 0
 
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     config = SIZES[args.size]()
     model = build_on_device(config, device, torch.bfloat16, args.seed)

@@ -19,13 +19,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from twotower import NemotronHConfig, TwoTowerForCausalLM  # noqa: E402
 from twotower.hf_remote import CONFIG_FILE, MODEL_TYPE, MODELING_FILE, install_remote_code  # noqa: E402
 from twotower.hf_remote.configuration_twotower import TwoTowerNemotronHConfig  # noqa: E402
-
-torch.set_grad_enabled(False)
 
 # initializer_range=0.1 spreads the logits of a random tiny model so greedy decoding picks varied tokens.
 CONFIGS = {
@@ -33,6 +31,13 @@ CONFIGS = {
     "latent": NemotronHConfig.tiny(initializer_range=0.1, n_group=4, topk_group=2, moe_latent_size=24),
 }
 DIFFUSION_ARGS = dict(max_new_tokens=20, block_size=8, steps_per_block=8, mask_token_id=3, eos_token_id=2)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    # Enter no_grad per test: setting it globally would leak into the tests of other modules.
+    with torch.no_grad():
+        yield
 
 
 def build_two_tower(config: NemotronHConfig, seed: int = 0) -> TwoTowerForCausalLM:
@@ -126,6 +131,12 @@ def test_weights_identical_fp32(model_pair):
     for name, tensor in our_state.items():
         assert remote_state[name].dtype == tensor.dtype, name
         assert torch.equal(remote_state[name], tensor), name
+
+
+def test_auto_model_loads_same_class(checkpoint):
+    directory, _ = checkpoint
+    model = AutoModel.from_pretrained(directory, trust_remote_code=True)
+    assert type(model).__name__ == "TwoTowerNemotronHForCausalLM"
 
 
 def test_expert_tensors_not_merged(model_pair):
