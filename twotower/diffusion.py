@@ -73,13 +73,14 @@ def predict(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (predicted ids, confidence), both (B, S), from constrained fp32 logits (B, S, V)."""
-    log_probs = logits.log_softmax(-1)
     if temperature == 0:
-        tokens = log_probs.argmax(-1)
+        tokens = logits.argmax(-1)
     else:
         scores = filter_top_k_top_p(logits / temperature, top_k, top_p)
         tokens = (scores + gumbel_noise(scores.shape, scores.device, generator)).argmax(-1)
-    confidence = log_probs.gather(-1, tokens[..., None])[..., 0].exp()
+    # p(token) = exp(logit - logsumexp): no full (B, S, V) log-softmax tensor is built.
+    chosen = logits.gather(-1, tokens[..., None])[..., 0]
+    confidence = (chosen - logits.logsumexp(-1)).exp()
     return tokens, confidence
 
 
@@ -165,12 +166,12 @@ def _mask_diffusion_steps(
             t = masked.sum(-1).float() / size  # per-row masked fraction
             with torch.inference_mode():
                 logits = model.denoise(block, context, t)
+                logits.index_fill_(-1, suppress, NEG_INF)  # the fresh logits may be changed in place
             passes += 1
             stats.row_passes += n_rows
             t1 = time.perf_counter()
             stats.denoise_s += t1 - t0
 
-            logits = suppress_tokens(logits, suppress)
             tokens, confidence = predict(logits, temperature, top_k, top_p, generator)
             counts = commit_counts(confidence, masked, confidence_threshold, step, steps_per_block)
             commit = select_commits(confidence, masked, counts)

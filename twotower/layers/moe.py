@@ -32,7 +32,12 @@ class TopKRouter(nn.Module):
         # Moving the model to bf16 must not round the correction bias: it decides near-ties.
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
+        moved = self.e_score_correction_bias
+        if bias.is_meta or moved.is_meta:
+            # Nothing to preserve (e.g. ``to_empty`` of a model built on the meta device).
+            self.e_score_correction_bias = moved.float()
+        else:
+            self.e_score_correction_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ Shapes: x (B, L, nh, P), dt (B, L, nh), A (nh,), B and C (B, L, G, N), state (B,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -26,12 +28,18 @@ def segment_sum(x: torch.Tensor) -> torch.Tensor:
     decays exact when the cumulative sums are large.
     """
     length = x.size(-1)
+    above_or_on_diagonal, above_diagonal = _triangle_masks(length, x.device)
     x = repeat(x, "... l -> ... l m", m=length)
-    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
-    x = x.masked_fill(~strictly_lower, 0.0)
+    x = x.masked_fill(above_or_on_diagonal, 0.0)
     sums = x.cumsum(dim=-2)
-    lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    return sums.masked_fill(~lower, float("-inf"))
+    return sums.masked_fill(above_diagonal, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle_masks(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (length, device): rebuilding them took a tenth of a short scan's time.
+    ones = torch.ones(length, length, dtype=torch.bool, device=device)
+    return ~ones.tril(-1), ~ones.tril()
 
 
 def _heads_per_group(B: torch.Tensor, n_heads: int) -> torch.Tensor:
