@@ -271,3 +271,14 @@ def test_router_bias_fp32_after_bf16_cast():
     assert moe.gate.weight.dtype == torch.bfloat16
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(moe.gate.e_score_correction_bias, bias)
+
+
+def test_segment_sum_after_inference_mode_supports_autograd():
+    from twotower.layers.ssd import segment_sum
+
+    with torch.inference_mode():
+        segment_sum(torch.randn(2, 7))  # fills the mask cache inside inference mode
+    with torch.enable_grad():
+        x = torch.randn(2, 7, requires_grad=True)
+        segment_sum(x).exp().sum().backward()
+    assert x.grad is not None

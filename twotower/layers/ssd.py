@@ -37,9 +37,11 @@ def segment_sum(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _triangle_masks(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per (length, device): rebuilding them took a tenth of a short scan's time.
-    ones = torch.ones(length, length, dtype=torch.bool, device=device)
-    return ~ones.tril(-1), ~ones.tril()
+    # Built once per (length, device): rebuilding them took a tenth of a short scan's time. They are
+    # made outside inference mode so that training, which autograd tracks, may use them too.
+    with torch.inference_mode(False):
+        ones = torch.ones(length, length, dtype=torch.bool, device=device)
+        return ~ones.tril(-1), ~ones.tril()
 
 
 def _heads_per_group(B: torch.Tensor, n_heads: int) -> torch.Tensor:
