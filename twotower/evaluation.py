@@ -142,7 +142,7 @@ def format_table(results: list[ModeResult], block_size: int) -> str:
     ]
     for r in results:
         mode = f"diffusion (block {block_size})" if r.mode == "diffusion" else r.mode
-        threshold = "" if r.threshold is None else f"{r.threshold:.1f}"
+        threshold = "" if r.threshold is None else f"{r.threshold:g}"
         lines.append(
             f"| {mode} | {threshold} | {r.generative_perplexity:.2f} | {r.repetition:.3f} | "
             f"{r.passes_per_token:.3f} | {r.tokens_per_second:.1f} |"
