@@ -28,7 +28,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                      help=f"stage 1 only: preset ({', '.join(MODEL_PRESETS)}) or path to a config.json (default: %(default)s)")
     run.add_argument("--init-path", default=d.init_path,
                      help="stage 1: single-tower checkpoint to continue from; stage 2: the stage-1 tower copied "
-                          "into both towers (required unless --run-dir holds a checkpoint)")
+                          "into both towers, or a two-tower checkpoint to train further (required unless --run-dir holds a "
+                          "checkpoint)")
     run.add_argument("--no-resume", dest="resume", action="store_false",
                      help="ignore checkpoints in --run-dir and start from step 0 (default: resume from the latest)")
 

@@ -47,6 +47,7 @@ from twotower.training.distributed import (
 )
 from twotower.training.objective import diffusion_loss, mock_ar_loss
 from twotower.training.schedule import WarmupStableDecay
+from twotower.checkpoint import list_shards
 from twotower.two_tower import TwoTowerForCausalLM
 
 logger = logging.getLogger("twotower.training")
@@ -191,6 +192,10 @@ def resolve_model_config(spec: str) -> NemotronHConfig:
     return NemotronHConfig.from_json_file(path)
 
 
+def is_two_tower_checkpoint(path: str | Path) -> bool:
+    return any(name.startswith("denoiser_tower.") for name in list_shards(path))
+
+
 def build_model(config: TrainConfig, resume_dir: Path | None, meta: dict) -> nn.Module:
     """Create the stage's model on the CPU, from a resumed checkpoint, ``init_path`` or a fresh config."""
     if config.stage == 1:
@@ -207,6 +212,9 @@ def build_model(config: TrainConfig, resume_dir: Path | None, meta: dict) -> nn.
 
     if resume_dir is not None:
         model = TwoTowerForCausalLM.from_pretrained(resume_dir / checkpointing.MODEL_DIR, dtype=torch.float32)
+    elif config.init_path and is_two_tower_checkpoint(config.init_path):
+        # A new run from a trained two-tower model: a fresh optimizer and schedule, same weights.
+        model = TwoTowerForCausalLM.from_pretrained(config.init_path, dtype=torch.float32)
     elif config.init_path:
         model = TwoTowerForCausalLM.from_single_tower(config.init_path, dtype=torch.float32, seed=config.seed)
     else:
