@@ -78,9 +78,9 @@ class Mamba2Mixer(nn.Module):
 
     def _depthwise_conv(self, window: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv of ``window`` (B, D, K-1+L) -> (B, D, L), without padding."""
-        if window.shape[-1] - (self.conv_kernel - 1) <= 4:
-            # For a few tokens (decoding, short chunks) a multiply-add over K taps beats the conv
-            # kernel's setup cost several times over on CPU.
+        if window.shape[-1] - (self.conv_kernel - 1) <= 64:
+            # For up to a block of tokens (decoding, denoiser blocks, short chunks) a multiply-add
+            # over K taps beats the conv kernel's setup cost several times over on CPU.
             # Accumulating in fp32 keeps bf16 models as accurate as the conv kernel.
             taps = window.unfold(-1, self.conv_kernel, 1).float()  # (B, D, L, K)
             out = (taps * self.conv1d.weight[:, 0, None, :].float()).sum(-1)

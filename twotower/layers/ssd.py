@@ -67,6 +67,9 @@ def ssd_chunk_scan(
     batch, length, n_heads, head_dim = x.shape
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid: expected a positive integer")
+    # The chunk size changes only how the work is split, not the result, so a short input (such as
+    # a 16-token denoiser block) is one chunk of its own length instead of being padded.
+    chunk_size = min(chunk_size, length)
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     A = A.float()
     B = _heads_per_group(B, n_heads)
