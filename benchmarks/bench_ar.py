@@ -37,7 +37,15 @@ from pathlib import Path
 
 import torch
 
-from twotower.benchmarking import format_table, machine_info, median, write_json
+from twotower.benchmarking import (
+    add_json_argument,
+    add_seed_argument,
+    format_table,
+    machine_info,
+    median,
+    parse_int_list,
+    write_json,
+)
 from twotower.config import NemotronHConfig
 from twotower.model import NemotronHForCausalLM
 
@@ -294,16 +302,6 @@ def measure_load_memory(directory: Path, shard_size: str, seed: int) -> list[dic
 # ---------------------------------------------------------------------- command line
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,30m", help="comma-separated model sizes: tiny, 30m (default: both)")
@@ -317,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", default="16MB",
                         help="max shard size of the checkpoint for the load-memory measurement (default: 16MB)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the load-memory measurement")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    add_seed_argument(parser)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
 
     sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]

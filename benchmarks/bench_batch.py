@@ -17,16 +17,18 @@ import sys
 import torch
 
 from twotower.benchmarking import (
+    add_diffusion_arguments,
     add_model_arguments,
-    apply_thread_setting,
-    format_table,
-    load_benchmark_model,
+    diffusion_mode_args,
+    load_or_build_model,
     machine_info,
     median,
+    parse_int_list,
+    print_report,
     random_prompts,
     timed_generation,
     warm_up,
-    write_json,
+    write_report,
 )
 
 COLUMNS = [
@@ -46,16 +48,6 @@ COLUMNS = [
 ]
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers")
-    return values
-
-
 def prompt_lengths(batch: int, longest: int) -> list[int]:
     """Spread ``batch`` prompt lengths evenly from half of ``longest`` to ``longest`` (all equal for batch 1)."""
     if batch == 1:
@@ -72,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-length", type=int, default=64,
                         help="longest prompt in tokens; rows range from half of it to all of it (default: 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default: 64)")
-    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
-    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (default: 0.9)")
+    add_diffusion_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per batch size; the table shows the median run (default: 3)")
     return parser
@@ -83,9 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_thread_setting(args.threads)
-    model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
-    diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
+    model, description = load_or_build_model(args)
+    diffusion_args = diffusion_mode_args(args)
 
     rows = []
     for batch in args.batches:
@@ -104,17 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_batch_1"] = row["tokens_per_s"] / base if base else None
 
     machine = machine_info(args.device)
-    print(f"model: {description}")
-    print(f"mask diffusion, block {args.block_size}, {args.steps} steps, threshold {args.threshold:g}, "
-          f"{args.new_tokens} new tokens per row, greedy, no EOS; median of {args.repeats} runs")
-    print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-          f"{machine['torch_threads']} threads, {machine.get('cuda_device', 'no CUDA')}; {machine['date_utc']}")
-    print(f"peak memory: {rows[0]['peak_memory_scope']}")
-    print()
-    print(format_table(rows, COLUMNS))
-    if args.json is not None:
-        write_json(args.json, {"benchmark": "batch", "model": description, "arguments": vars(args),
-                               "machine": machine, "rows": rows})
+    settings = (f"mask diffusion, block {args.block_size}, {args.steps} steps, threshold {args.threshold:g}, "
+                f"{args.new_tokens} new tokens per row, greedy, no EOS; median of {args.repeats} runs")
+    print_report(description, settings, machine, rows, COLUMNS)
+    write_report(args, "batch", description, machine, rows=rows)
     return 0
 
 

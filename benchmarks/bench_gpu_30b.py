@@ -23,10 +23,15 @@ import torch
 
 from twotower.benchmarking import (
     SIZES,
+    add_diffusion_arguments,
+    add_json_argument,
+    add_seed_argument,
     build_on_device,
     count_parameters,
+    diffusion_mode_args,
     format_table,
     machine_info,
+    parse_int_list,
     random_prompts,
     timed_generation,
     warm_up,
@@ -48,16 +53,6 @@ COLUMNS = [
 ]
 
 
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers")
-    return values
-
-
 def format_count(count: int) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
 
@@ -70,13 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=parse_int_list, default=[1, 16], help="batch sizes (default: 1,16)")
     parser.add_argument("--prompt-length", type=int, default=128, help="prompt tokens per row (default: 128)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default: 64)")
-    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
-    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (default: 0.9)")
+    add_diffusion_arguments(parser)
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="start no new measurement after this many seconds from the start (default: 240)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_seed_argument(parser)
+    add_json_argument(parser)
     return parser
 
 
@@ -105,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {format_count(parameters)} parameters ({args.size} sizes, bf16) on {device} in {build_s:.1f} s; "
           f"{weights_gib:.1f} GiB allocated", file=sys.stderr)
 
-    diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
+    diffusion_args = diffusion_mode_args(args)
     short_ids, _ = random_prompts([args.prompt_length], config.vocab_size, args.seed)
     warm_up(model, ("ar", "diffusion"), short_ids, None, **diffusion_args)
 

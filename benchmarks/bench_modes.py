@@ -17,15 +17,15 @@ import sys
 import torch
 
 from twotower.benchmarking import (
+    add_diffusion_arguments,
     add_model_arguments,
-    apply_thread_setting,
-    format_table,
-    load_benchmark_model,
+    load_or_build_model,
     machine_info,
+    print_report,
     random_prompts,
     timed_generation,
     warm_up,
-    write_json,
+    write_report,
 )
 
 DEFAULT_THRESHOLDS = "0.5,0.6,0.7,0.8,0.9,1.0"
@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--prompt-length", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default: 64)")
-    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
-    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
+    add_diffusion_arguments(parser, threshold=False)
     parser.add_argument("--thresholds", type=parse_thresholds, default=parse_thresholds(DEFAULT_THRESHOLDS),
                         help=f"mask-diffusion confidence thresholds (default: {DEFAULT_THRESHOLDS})")
     parser.add_argument("--repeats", type=int, default=3,
@@ -72,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_thread_setting(args.threads)
-    model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+    model, description = load_or_build_model(args)
     input_ids, attention_mask = random_prompts([args.prompt_length], model.config.vocab_size, args.seed)
     diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps)
 
@@ -95,17 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_ar"] = row["tokens_per_s"] / ar_speed if ar_speed else None
 
     machine = machine_info(args.device)
-    print(f"model: {description}")
-    print(f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, batch 1, greedy, no EOS; "
-          f"diffusion block {args.block_size}, {args.steps} steps; median of {args.repeats} runs")
-    print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-          f"{machine['torch_threads']} threads, {machine.get('cuda_device', 'no CUDA')}; {machine['date_utc']}")
-    print(f"peak memory: {rows[0]['peak_memory_scope']}")
-    print()
-    print(format_table(rows, COLUMNS))
-    if args.json is not None:
-        write_json(args.json, {"benchmark": "modes", "model": description, "arguments": vars(args),
-                               "machine": machine, "rows": rows})
+    settings = (f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, batch 1, greedy, no EOS; "
+                f"diffusion block {args.block_size}, {args.steps} steps; median of {args.repeats} runs")
+    print_report(description, settings, machine, rows, COLUMNS)
+    write_report(args, "modes", description, machine, rows=rows)
     return 0
 
 

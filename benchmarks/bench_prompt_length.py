@@ -16,15 +16,17 @@ import sys
 import torch
 
 from twotower.benchmarking import (
+    add_diffusion_arguments,
     add_model_arguments,
-    apply_thread_setting,
-    format_table,
-    load_benchmark_model,
+    diffusion_mode_args,
+    load_or_build_model,
     machine_info,
+    parse_int_list,
+    print_report,
     random_prompts,
     timed_generation,
     warm_up,
-    write_json,
+    write_report,
 )
 
 MODES = ("ar", "diffusion")
@@ -38,16 +40,6 @@ COLUMNS = [
     ("wall s", "wall_s", ".3f"),
     ("peak MiB", "peak_mib", ".0f"),
 ]
-
-
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers")
-    return values
 
 
 def default_lengths(max_length: int) -> list[int]:
@@ -70,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", type=parse_int_list, default=None,
                         help="explicit prompt lengths, comma-separated (overrides --max-length)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
-    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
-    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (default: 0.9)")
+    add_diffusion_arguments(parser)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per length and mode; the table shows the median run (default: 1)")
     return parser
@@ -81,14 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_thread_setting(args.threads)
-    model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+    model, description = load_or_build_model(args)
     if args.lengths is not None:
         lengths = args.lengths
     else:
         max_length = args.max_length or (16384 if model.device.type == "cuda" else 4096)
         lengths = default_lengths(max_length)
-    diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
+    diffusion_args = diffusion_mode_args(args)
 
     short_ids, _ = random_prompts([min(lengths)], model.config.vocab_size, args.seed)
     warm_up(model, MODES, short_ids, None, **diffusion_args)
@@ -105,17 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"decode {row['decode_ms_per_token']:.2f} ms/token", file=sys.stderr)
 
     machine = machine_info(args.device)
-    print(f"model: {description}")
-    print(f"batch 1, {args.new_tokens} new tokens, greedy, no EOS; diffusion block {args.block_size}, "
-          f"{args.steps} steps, threshold {args.threshold:g}; median of {args.repeats} runs")
-    print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-          f"{machine['torch_threads']} threads, {machine.get('cuda_device', 'no CUDA')}; {machine['date_utc']}")
-    print(f"peak memory: {rows[0]['peak_memory_scope']}")
-    print()
-    print(format_table(rows, COLUMNS))
-    if args.json is not None:
-        write_json(args.json, {"benchmark": "prompt_length", "model": description, "arguments": vars(args),
-                               "machine": machine, "rows": rows})
+    settings = (f"batch 1, {args.new_tokens} new tokens, greedy, no EOS; diffusion block {args.block_size}, "
+                f"{args.steps} steps, threshold {args.threshold:g}; median of {args.repeats} runs")
+    print_report(description, settings, machine, rows, COLUMNS)
+    write_report(args, "prompt_length", description, machine, rows=rows)
     return 0
 
 

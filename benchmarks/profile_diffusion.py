@@ -22,15 +22,16 @@ import torch
 from torch import nn
 
 from twotower.benchmarking import (
+    add_diffusion_arguments,
     add_model_arguments,
-    apply_thread_setting,
+    diffusion_mode_args,
     format_table,
-    load_benchmark_model,
+    load_or_build_model,
     machine_info,
     random_prompts,
     run_mode,
     warm_up,
-    write_json,
+    write_report,
 )
 from twotower.config import ATTENTION, MAMBA, MLP, MOE
 from twotower.two_tower import TwoTowerForCausalLM
@@ -133,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, help="rows generated together (default: 1)")
     parser.add_argument("--prompt-length", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default: 64)")
-    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
-    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (default: 0.9)")
+    add_diffusion_arguments(parser)
     parser.add_argument("--top-ops", type=int, default=15, help="operators listed (default: 15)")
     return parser
 
@@ -143,12 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_thread_setting(args.threads)
-    model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+    model, description = load_or_build_model(args)
     if model.device.type != "cpu":
         print("note: the component times assume synchronous execution and are only exact on the CPU", file=sys.stderr)
     input_ids, attention_mask = random_prompts([args.prompt_length] * args.batch, model.config.vocab_size, args.seed)
-    diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
+    diffusion_args = diffusion_mode_args(args)
 
     timer = ComponentTimer()
     instrument(model, timer)
@@ -180,10 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(operators, [("operator", "operator", ""), ("self ms", "self_ms", ".1f"),
                                    ("% of self CPU", "share", ".1f"), ("calls", "calls", "d")]))
-    if args.json is not None:
-        write_json(args.json, {"benchmark": "profile_diffusion", "model": description, "arguments": vars(args),
-                               "machine": machine, "wall_s": wall, "stats": stats.as_dict(),
-                               "components": components, "operators": operators})
+    write_report(args, "profile_diffusion", description, machine, wall_s=wall, stats=stats.as_dict(),
+                 components=components, operators=operators)
     return 0
 
 

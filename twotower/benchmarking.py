@@ -1,9 +1,9 @@
 """Helpers shared by the scripts in ``benchmarks/``: models, prompts, timed runs, peak memory, output.
 
-Each benchmark script builds its model with ``load_benchmark_model``, or with ``build_on_device``
-for models too large to build on the CPU. It times generation with ``timed_generation`` and prints
-a Markdown table with ``format_table``. With ``--json PATH`` it also writes the rows and
-``machine_info`` to a file.
+Each benchmark script adds its common options with ``add_model_arguments`` and builds its model
+with ``load_or_build_model``, or with ``build_on_device`` for models too large to build on the CPU.
+It times generation with ``timed_generation`` and prints a Markdown table with ``format_table`` or
+``print_report``. With ``--json PATH`` it also writes the rows and ``machine_info`` to a file.
 """
 
 from __future__ import annotations
@@ -359,6 +359,20 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+# ---------------------------------------------------------------------- command line
+
+
+def parse_int_list(text: str) -> list[int]:
+    """Parse a comma-separated list of positive integers, for options such as ``--batches 1,4,16``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected comma-separated positive integers")
+    return values
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_device: str = "cpu") -> None:
     """Add --model, --size, --dtype, --device, --seed, --threads and --json to a benchmark's parser."""
     parser.add_argument("--model", type=Path, default=None,
@@ -370,10 +384,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_device: str = "
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype; auto keeps the checkpoint's, or float32 for random models (default: auto)")
     parser.add_argument("--device", default=default_device, help=f"PyTorch device (default: {default_device})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
+    add_seed_argument(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice, usually the core count)")
+    add_json_argument(parser)
+
+
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+
+
+def add_diffusion_arguments(parser: argparse.ArgumentParser, threshold: bool = True) -> None:
+    """Add the mask-diffusion options --block-size and --steps, and --threshold unless ``threshold`` is false."""
+    parser.add_argument("--block-size", type=int, default=16, help="mask-diffusion block size (default: 16)")
+    parser.add_argument("--steps", type=int, default=16, help="mask-diffusion steps per block (default: 16)")
+    if threshold:
+        parser.add_argument("--threshold", type=float, default=0.9, help="confidence threshold (default: 0.9)")
+
+
+def diffusion_mode_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the ``run_mode`` keywords set by the options of ``add_diffusion_arguments``."""
+    return dict(block_size=args.block_size, steps_per_block=args.steps, threshold=args.threshold)
 
 
 def apply_thread_setting(threads: int | None) -> None:
@@ -381,3 +416,43 @@ def apply_thread_setting(threads: int | None) -> None:
         if threads < 1:
             raise ValueError(f"--threads {threads} is invalid: expected a positive integer")
         torch.set_num_threads(threads)
+
+
+def load_or_build_model(args: argparse.Namespace) -> tuple[TwoTowerForCausalLM, str]:
+    """Apply --threads, then load or build the model selected by the options of ``add_model_arguments``.
+
+    Returns the model in eval mode and its one-line description, as ``load_benchmark_model`` does.
+    """
+    apply_thread_setting(args.threads)
+    return load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+
+
+def machine_summary(machine: dict[str, Any]) -> str:
+    """Format a ``machine_info`` result as the "machine:" line of a report."""
+    return (f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+            f"{machine['torch_threads']} threads, {machine.get('cuda_device', 'no CUDA')}; {machine['date_utc']}")
+
+
+def print_report(
+    description: str,
+    settings: str,
+    machine: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, str, str]],
+) -> None:
+    """Print the model, the run's ``settings`` line, the machine and the memory scope, then the table of ``rows``."""
+    print(f"model: {description}")
+    print(settings)
+    print(machine_summary(machine))
+    print(f"peak memory: {rows[0]['peak_memory_scope']}")
+    print()
+    print(format_table(rows, columns))
+
+
+def write_report(
+    args: argparse.Namespace, benchmark: str, description: str, machine: dict[str, Any], **results: Any
+) -> None:
+    """Write the benchmark name, model, arguments, machine and ``results`` to ``args.json``, when it is set."""
+    if args.json is not None:
+        write_json(args.json, {"benchmark": benchmark, "model": description, "arguments": vars(args),
+                               "machine": machine, **results})
