@@ -28,6 +28,7 @@ from twotower.generation import (
     GenerationStats,
     TokenChunk,
     check_generation_args,
+    commit_step_tokens,
     drive,
     eos_tensor,
     finish,
@@ -321,14 +322,11 @@ def _mock_ar_steps(
 
         logits = suppress_tokens(logits[:, -1], suppress)
         tokens, _ = predict(logits[:, None], temperature, top_k, top_p, generator)
-        tokens = tokens[:, 0].masked_fill(finished, pad_token_id)
+        finished_before = finished
+        tokens, finished = commit_step_tokens(tokens[:, 0], finished, eos, pad_token_id)
         generated[:, step] = tokens
-        was_finished = finished.clone()
-        if eos is not None:
-            finished = finished | torch.isin(tokens, eos)
         stats.sampling_s += time.perf_counter() - t1
-        yield TokenChunk([[t] if not done else [] for t, done in zip(tokens.tolist(), was_finished.tolist())],
-                         finished.tolist())
+        yield TokenChunk.from_token_step(tokens, finished_before, finished)
         if bool(finished.all()) or step == max_new_tokens - 1:
             generated = generated[:, : step + 1]
             break

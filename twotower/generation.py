@@ -87,6 +87,14 @@ class TokenChunk:
     tokens: list[list[int]]
     finished: list[bool]
 
+    @classmethod
+    def from_token_step(
+        cls, tokens: torch.Tensor, finished_before: torch.Tensor, finished: torch.Tensor
+    ) -> TokenChunk:
+        """Build the chunk of one AR step from ``tokens`` (B,); rows in ``finished_before`` get no token."""
+        rows = [[token] if not done else [] for token, done in zip(tokens.tolist(), finished_before.tolist())]
+        return cls(rows, finished.tolist())
+
 
 def prepare_prompt(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int
@@ -124,6 +132,20 @@ def eos_tensor(eos_token_id: int | list[int] | None, device: torch.device) -> to
         return None
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def commit_step_tokens(
+    tokens: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor | None, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit one sampled token per row in an AR-style loop.
+
+    Rows that finished at an earlier step get ``pad_token_id``, and rows whose token is in ``eos``
+    finish now. Returns (tokens, finished after this step) without changing ``finished`` in place.
+    """
+    tokens = tokens.masked_fill(finished, pad_token_id)
+    if eos is not None:
+        finished = finished | torch.isin(tokens, eos)
+    return tokens, finished
 
 
 def finish(
@@ -200,16 +222,13 @@ def _ar_steps(
         t0 = time.perf_counter()
         logits = suppress_tokens(logits, suppress)
         tokens = sample_from_logits(logits, temperature, top_k, top_p, generator)
-        tokens = tokens.masked_fill(finished, pad_token_id)
         stats.row_passes += int((~finished).sum())
+        finished_before = finished
+        tokens, finished = commit_step_tokens(tokens, finished, eos, pad_token_id)
         generated[:, step] = tokens
-        newly_finished = finished.clone()
-        if eos is not None:
-            finished = finished | torch.isin(tokens, eos)
         stats.sampling_s += time.perf_counter() - t0
 
-        yield TokenChunk([[t] if not done else [] for t, done in zip(tokens.tolist(), newly_finished.tolist())],
-                         finished.tolist())
+        yield TokenChunk.from_token_step(tokens, finished_before, finished)
         if bool(finished.all()) or step == max_new_tokens - 1:
             generated = generated[:, : step + 1]
             break
