@@ -178,6 +178,9 @@ def _assert_one_line_error(status: int, err: str) -> None:
         (["generate", "x", "--mode", "ar", "--block-size", "4"], "--block-size"),
         (["generate", "x", "--mode", "mock-ar", "--trace", "t.html"], "--trace"),
         (["generate", "x", "--device", "cuda:7"], "cuda:7"),
+        (["generate", "x", "--device", "meta"], "meta"),
+        (["generate", "x", "--temperature", "inf"], "--temperature"),
+        (["generate", "x", "--seed", "9" * 25], "--seed"),
         (["generate", "--file", "no/such/prompts.txt"], "no/such/prompts.txt"),
         (["serve", "--port", "99999"], "--port"),
         (["frobnicate"], "frobnicate"),
@@ -191,6 +194,42 @@ def test_bad_arguments_one_line(capsys, model_dir, argv, expected):
     err = capsys.readouterr().err
     _assert_one_line_error(status, err)
     assert expected in err
+
+
+def test_binary_prompt_file_one_line(capsys, model_dir, tmp_path):
+    prompt_file = tmp_path / "prompts.bin"
+    prompt_file.write_bytes(b"line\n\xff\xfe\x00binary\n")
+    status, _, err = run_cli(capsys, ["generate", "--file", str(prompt_file), "--model", str(model_dir)])
+    _assert_one_line_error(status, err)
+    assert "prompts.bin" in err
+    assert "UTF-8" in err
+
+
+def test_trace_directory_rejected_before_loading(capsys, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "load_pipeline_from_args", lambda args: pytest.fail("the model must not load"))
+    status, _, err = run_cli(capsys, ["generate", "x", "--model", str(model_dir), "--trace", str(tmp_path)])
+    _assert_one_line_error(status, err)
+    assert "--trace" in err
+
+
+def test_out_of_memory_one_line(capsys, model_dir, monkeypatch):
+    def fail(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 256000000512 bytes")
+
+    monkeypatch.setattr(cli, "load_pipeline_from_args", fail)
+    status, _, err = run_cli(capsys, ["generate", "x", "--model", str(model_dir)])
+    _assert_one_line_error(status, err)
+    assert "out of memory" in err
+    assert "--max-new-tokens" in err
+
+
+def test_other_runtime_error_keeps_traceback(model_dir, monkeypatch):
+    def fail(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "load_pipeline_from_args", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["generate", "x", "--model", str(model_dir)])
 
 
 def test_missing_model_dir_one_line(capsys, tmp_path):

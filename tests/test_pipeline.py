@@ -147,6 +147,26 @@ def test_load_errors(tmp_path, model_dir):
         load_pipeline(bad_generation_config)
 
 
+@pytest.mark.parametrize(
+    "file_name, content, message",
+    [
+        ("generation_config.json", {"eos_token_id": [None]}, "eos_token_id"),
+        ("generation_config.json", {"eos_token_id": "2"}, "eos_token_id"),
+        ("generation_config.json", {"temperature": "hot"}, "temperature"),
+        ("generation_config.json", {"block_size": 4.5}, "block_size"),
+        ("generation_config.json", {"mode": "sideways"}, "mode"),
+        ("tokenizer_config.json", ["not", "an", "object"], "JSON object"),
+    ],
+)
+def test_invalid_config_file_values(tmp_path, model_dir, file_name, content, message):
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    (directory / file_name).write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_pipeline(directory)
+    assert file_name in str(caught.value)
+
+
 def _step(block_index: int, step: int, tokens: list[int], committed: list[bool]) -> DenoiseStep:
     return DenoiseStep(block_index, step, [0], torch.tensor([tokens]), torch.tensor([committed]),
                        torch.tensor([[0.95, 0.6, 0.3, 0.1]]))

@@ -202,6 +202,9 @@ def test_stop_token_ids_and_ignore_eos(client, server):
         ({"max_tokens": 5000}, "max_tokens"),
         ({"max_tokens": "8"}, "max_tokens"),
         ({"temperature": -1}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"top_p": 0}, "top_p"),
         ({"top_k": 1.5}, "top_k"),
         ({"n": 0}, "n"),
@@ -247,6 +250,33 @@ def test_invalid_json_400(server):
                           headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}",
+        b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b"\xff\xfe",
+    ],
+    ids=["integer-over-4300-digits", "nested-too-deep", "not-utf8"],
+)
+def test_unparsable_body_400(server, content):
+    response = httpx.post(server.base_url + "/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("literal", [b"Infinity", b"-Infinity", b"NaN"])
+def test_non_finite_temperature_400(server, literal):
+    # Python's json module accepts these non-standard literals, which JSON clients may send.
+    content = b'{"prompt": "a", "max_tokens": 4, "temperature": ' + literal + b"}"
+    response = httpx.post(server.base_url + "/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "temperature"
 
 
 def test_unknown_model_404(client):

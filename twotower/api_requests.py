@@ -7,10 +7,15 @@ name of the offending field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from twotower.pipeline import MODES, TextPipeline
+
+
+# The seed range that torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass
@@ -90,7 +95,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    # Python's json module reads the non-standard literals NaN and Infinity, so both can arrive here,
+    # and an integer literal may have hundreds of digits, more than a float holds.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def read_int(body: dict, name: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
@@ -112,7 +124,7 @@ def read_number(body: dict, name: str, minimum: float, maximum: float | None = N
     if value is None:
         return None
     if not _is_number(value):
-        raise invalid(name, f"expected a number, got {value!r}")
+        raise invalid(name, f"expected a finite number, got {value!r}")
     if value < minimum or (open_minimum and value == minimum) or (maximum is not None and value > maximum):
         low = "(" if open_minimum else "["
         high = f"{maximum}]" if maximum is not None else "inf)"
@@ -216,7 +228,7 @@ def _read_sampler(body: dict, pipeline: TextPipeline, limits: ServerLimits, max_
         "block_size": read_int(body, "block_size", minimum=1, maximum=limits.max_tokens) or defaults.block_size,
         "steps_per_block": read_int(body, "steps_per_block", minimum=1, maximum=4096) or defaults.steps_per_block,
         "confidence_threshold": defaults.confidence_threshold if threshold is None else threshold,
-        "seed": read_int(body, "seed"),
+        "seed": read_int(body, "seed", minimum=SEED_MIN, maximum=SEED_MAX),
         "stop": read_stop(body),
         "stop_token_ids": read_token_ids(body, "stop_token_ids", pipeline.vocab_size),
         "ignore_eos": read_bool(body, "ignore_eos"),

@@ -12,6 +12,7 @@ import importlib
 import importlib.resources
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -61,13 +62,29 @@ def _number(minimum: float, maximum: float | None = None, open_minimum: bool = F
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
         too_small = value <= minimum if open_minimum else value < minimum
-        if too_small or (maximum is not None and value > maximum) or value != value:
+        # float() parses "nan" and "inf", and neither is a usable sampler value.
+        if too_small or (maximum is not None and value > maximum) or not math.isfinite(value):
             bracket = "(" if open_minimum else "["
             upper = f"{maximum}]" if maximum is not None else "inf)"
-            raise argparse.ArgumentTypeError(f"{text} is invalid: expected a number in {bracket}{minimum}, {upper}")
+            kind = "a number" if math.isfinite(value) else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text} is invalid: expected {kind} in {bracket}{minimum}, {upper}")
         return value
 
     return parse
+
+
+# The seed range that torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer in [-2**63, 2**64 - 1]")
+    return value
 
 
 def _port(text: str) -> int:
@@ -129,7 +146,7 @@ def _add_generate_parser(commands) -> None:
                         help="sample only from the k most likely tokens; 0 disables the filter")
     parser.add_argument("--top-p", type=_number(0.0, 1.0, open_minimum=True), default=None,
                         help="sample only from the smallest token set whose probability reaches p (0 < p <= 1)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (integer)")
+    parser.add_argument("--seed", type=_seed, default=None, help="random seed for sampling (integer)")
     parser.add_argument("--batch-size", type=_integer(1), default=8,
                         help="prompts generated together in one batch (default: 8)")
     parser.add_argument("--stream", action="store_true",
@@ -243,6 +260,13 @@ def check_device(name: str | None, option: str) -> None:
             raise ValueError(f"{option} {name} is not available: PyTorch sees {count} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{option} {name} is not available: PyTorch reports no MPS device")
+    elif device.type == "meta":
+        raise ValueError(f"{option} {name} is invalid: meta tensors hold no data, so they cannot generate")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            raise ValueError(f"{option} {name} is not available: PyTorch reports no {device.type} device")
 
 
 def resolve_model_dir(model: Path | None) -> Path:
@@ -294,7 +318,10 @@ def read_prompts(args: argparse.Namespace, stdin: TextIO) -> list[str | list[int
     if args.file is not None and str(args.file) != "-":
         if not args.file.exists():  # exists(), not is_file(), so that shell pipes such as <(...) work
             raise CommandError(f"prompt file not found: {args.file}")
-        text = args.file.read_text(encoding="utf-8")
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CommandError(f"prompt file {args.file} is not UTF-8 text: {error.reason} at byte {error.start}") from None
         source = str(args.file)
     else:
         if stdin.isatty():
@@ -393,6 +420,8 @@ def run_generate(args: argparse.Namespace, stdout: TextIO | None = None, stdin: 
     prompts = read_prompts(args, stdin or sys.stdin)
     if args.trace is not None and not args.trace.parent.is_dir():
         raise CommandError(f"trace directory not found: {args.trace.parent}")
+    if args.trace is not None and args.trace.is_dir():
+        raise CommandError(f"--trace {args.trace} is a directory: expected the path of an HTML file")
     pipeline = load_pipeline_from_args(args)
     settings = pipeline.settings(args.mode, **_sampler_overrides(args))
     _check_generate_arguments(args, settings.mode)
@@ -558,6 +587,13 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    # torch.OutOfMemoryError covers accelerators, but the CPU allocator raises a plain RuntimeError.
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -573,6 +609,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(handler_args) or 0)
     except (CommandError, CheckpointError, ValueError, OSError) as error:
         print(f"twotower {command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not _is_out_of_memory(error):
+            raise
+        hint = "; lower --max-new-tokens, --batch-size or the prompt length" if command == "generate" else ""
+        print(f"twotower {command}: error: out of memory: {_one_line(error)}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"twotower {command}: interrupted", file=sys.stderr)

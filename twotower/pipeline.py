@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -94,12 +95,36 @@ def read_generation_defaults(path: Path) -> tuple[SamplerSettings, dict[str, Any
     defaults = SamplerSettings()
     for key, attribute in GENERATION_CONFIG_KEYS.items():
         if raw.get(key) is not None:
+            _check_generation_value(file, key, raw[key])
             setattr(defaults, attribute, raw[key])
     if raw.get("do_sample") is False:
         defaults.temperature = 0.0
     if defaults.mode == "mock_ar":
         defaults.mode = "mock-ar"
+    eos = raw.get("eos_token_id")
+    if eos is not None and not (_is_token_id(eos) or (isinstance(eos, list) and all(_is_token_id(e) for e in eos))):
+        raise CheckpointError(f"{file}: eos_token_id={eos!r} is invalid: expected a token id or a list of token ids")
     return defaults, raw
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_generation_value(file: Path, key: str, value: Any) -> None:
+    """Raise ``CheckpointError`` when a ``generation_config.json`` sampler value has the wrong type;
+    the generation loops check the ranges."""
+    if key == "mode":
+        valid = value in (*MODES, "mock_ar")
+        expected = "one of " + ", ".join(MODES)
+    elif key in ("max_new_tokens", "top_k", "block_size", "steps_per_block"):
+        valid = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    else:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number"
+    if not valid:
+        raise CheckpointError(f"{file}: {key}={value!r} is invalid: expected {expected}")
 
 
 # ---------------------------------------------------------------------- results
@@ -266,6 +291,8 @@ def _read_chat_template(path: Path) -> ChatTemplate | None:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{file} is not valid JSON: {error}") from error
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} must contain a JSON object")
     source = raw.get("chat_template")
     if isinstance(source, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {entry.get("name"): entry.get("template") for entry in source if isinstance(entry, dict)}

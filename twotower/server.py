@@ -207,6 +207,10 @@ class Scheduler:
 # ---------------------------------------------------------------------- responses
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -403,8 +407,10 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
     async def read_body(request: Request) -> Any:
         try:
             return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the request body is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:
+            # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
+            # int_max_str_digits. RecursionError comes from arrays or objects nested too deeply.
+            raise APIError(400, f"the request body is not valid JSON: {_short(str(error))}") from None
 
     async def run(request: Request, parsed: GenerationRequest) -> Any:
         job = scheduler.submit(parsed)
