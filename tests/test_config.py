@@ -266,3 +266,24 @@ def test_30b_preset_parameter_count():
     outside_layers = sum(p.numel() for name, p in model.named_parameters() if ".layers." not in name)
     total = outside_layers + sum(per_layer[symbol] for symbol in config.hybrid_override_pattern)
     assert 31.55e9 < total < 31.65e9
+
+
+@pytest.mark.parametrize("raw", [None, 5, [1, 2], [["hidden_size", 64]]])
+def test_from_dict_rejects_non_objects(raw):
+    with pytest.raises(ValueError, match="JSON object"):
+        NemotronHConfig.from_dict(raw)
+
+
+def test_from_dict_warns_on_layer_count_mismatch(caplog):
+    raw = {**NemotronHConfig.tiny().to_dict(), "hybrid_override_pattern": "M*E", "num_hidden_layers": 9}
+    with caplog.at_level("WARNING", logger="twotower.config"):
+        config = NemotronHConfig.from_dict(raw)
+    assert config.num_hidden_layers == 3
+    assert "num_hidden_layers=9" in caplog.text
+
+
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "norm_topk_prob", "use_conv_bias"])
+def test_boolean_fields_reject_strings(field):
+    raw = {**NemotronHConfig.tiny().to_dict(), field: "no"}
+    with pytest.raises(ValueError, match=field):
+        NemotronHConfig.from_dict(raw)

@@ -458,3 +458,44 @@ def test_bf16_diffusion_runs():
     cache = model.new_cache(2)
     model.extend_context(prompt(), cache)
     assert cache.mamba[0].ssm.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"eos_token_id": "2"}, "eos_token_id"),
+        ({"eos_token_id": 2.0}, "eos_token_id"),
+        ({"eos_token_id": [10**30]}, "eos_token_id"),
+        ({"suppress_token_ids": [CONFIG.vocab_size + 5]}, "suppress_token_ids"),
+        ({"suppress_token_ids": list(range(CONFIG.vocab_size))}, "suppress_token_ids"),
+        ({"seed": 2**70}, "seed"),
+        ({"mask_token_id": True}, "mask_token_id"),
+        ({"confidence_threshold": True}, "confidence_threshold"),
+    ],
+)
+def test_invalid_token_and_number_arguments_raise(kwargs, field):
+    model = build()
+    with pytest.raises(ValueError, match=field):
+        model.generate_mask_diffusion(prompt(), max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["mock-ar", "ar"])
+def test_ar_modes_reject_bad_token_arguments(mode):
+    model = build()
+    call = model.generate_mock_ar if mode == "mock-ar" else model.generate
+    with pytest.raises(ValueError, match="eos_token_id"):
+        call(prompt(), max_new_tokens=4, eos_token_id="2")
+    with pytest.raises(ValueError, match="suppress_token_ids"):
+        call(prompt(), max_new_tokens=4, suppress_token_ids=[-1])
+
+
+@torch.no_grad()
+def test_small_integer_prompt_dtypes_accepted():
+    model = build()
+    ids = prompt()
+    expected = run_mode(model, "diffusion", ids).new_tokens
+    assert torch.equal(run_mode(model, "diffusion", ids.to(torch.int16)).new_tokens, expected)
+    with pytest.raises(ValueError, match="input_ids"):
+        run_mode(model, "diffusion", ids.float())

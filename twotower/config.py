@@ -10,11 +10,14 @@ transformers, by NVIDIA's releases or by this library reads the same way. The la
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 MAMBA, ATTENTION, MOE, MLP = "M", "*", "E", "-"
 LAYER_SYMBOLS = (MAMBA, ATTENTION, MOE, MLP)
@@ -140,6 +143,12 @@ class NemotronHConfig:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"NemotronHConfig.{name}={getattr(self, name)!r} is invalid: {rule}")
 
+        for name in ("tie_word_embeddings", "attention_bias", "use_conv_bias", "use_bias", "norm_topk_prob", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "expected true or false")
+        if self.tie_word_embeddings:
+            fail("tie_word_embeddings", "Nemotron-H has an untied lm_head; tied embeddings are not supported")
+
         pattern = self.hybrid_override_pattern
         if not isinstance(pattern, str) or not pattern:
             fail("hybrid_override_pattern", "expected a non-empty string of the characters M * E -")
@@ -191,6 +200,8 @@ class NemotronHConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "NemotronHConfig":
         """Build a config from a ``config.json`` dictionary (transformers, NVIDIA or ours)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"a model config must be a JSON object (a dict), got {type(raw).__name__}")
         data = dict(raw)
         for old, new in _LEGACY_KEYS.items():
             if old in data:
@@ -217,6 +228,14 @@ class NemotronHConfig:
         if limit is not None:
             data["time_step_limit"] = tuple(_parse_float("time_step_limit", v) for v in limit)
 
+        layers = data.get("num_hidden_layers")
+        pattern = data.get("hybrid_override_pattern")
+        if isinstance(layers, int) and isinstance(pattern, str) and layers != len(pattern):
+            # transformers also derives the layer count from the pattern and only warns.
+            logger.warning(
+                "config field num_hidden_layers=%d does not match hybrid_override_pattern, which has %d layers; "
+                "using the pattern", layers, len(pattern)
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
         if "moe_latent_size" in data:

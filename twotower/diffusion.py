@@ -34,7 +34,7 @@ from twotower.generation import (
     finish,
     prepare_prompt,
 )
-from twotower.sampling import check_sampling_args, filter_top_k_top_p, gumbel_noise, make_generator, suppress_tokens
+from twotower.sampling import check_sampling_args, check_token_ids, filter_top_k_top_p, gumbel_noise, make_generator, suppress_tokens
 
 NEG_INF = float("-inf")
 
@@ -106,14 +106,16 @@ def _check_two_tower_args(model, mask_token_id: int, block_size: int, steps_per_
         raise ValueError(f"block_size={block_size!r} is invalid: expected an integer >= 1")
     if not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool) or steps_per_block < 1:
         raise ValueError(f"steps_per_block={steps_per_block!r} is invalid: expected an integer >= 1")
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"confidence_threshold={threshold!r} is invalid: expected a number in [0, 1]")
-    if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab:
+    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool) or not 0 <= mask_token_id < vocab:
         raise ValueError(f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={vocab})")
 
 
-def _suppressed_ids(mask_token_id: int, suppress_token_ids: list[int] | None, device) -> torch.Tensor:
-    ids = sorted({mask_token_id, *(suppress_token_ids or [])})
+def _suppressed_ids(mask_token_id: int, suppress_token_ids, vocab_size: int, device) -> torch.Tensor:
+    ids = sorted({mask_token_id, *check_token_ids("suppress_token_ids", suppress_token_ids, vocab_size)})
+    if len(ids) >= vocab_size:
+        raise ValueError("suppress_token_ids and mask_token_id cover the whole vocabulary: no token is left to generate")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -135,7 +137,7 @@ def _mask_diffusion_steps(
     eos_token_id,
     pad_token_id: int,
     generator: torch.Generator | None,
-    suppress_token_ids: list[int] | None,
+    suppress: torch.Tensor,
     on_step: Callable[[DenoiseStep], None] | None,
 ) -> Generator[TokenChunk, None, GenerationOutput]:
     start = time.perf_counter()
@@ -143,7 +145,6 @@ def _mask_diffusion_steps(
     batch, prompt_length = input_ids.shape
     stats = GenerationStats(prompt_tokens=int(attention_mask.sum()) if attention_mask is not None else input_ids.numel())
     eos = eos_tensor(eos_token_id, den_device)
-    suppress = _suppressed_ids(mask_token_id, suppress_token_ids, den_device)
 
     cache = model.new_cache(batch, capacity=prompt_length + max_new_tokens)
     with torch.inference_mode():
@@ -253,11 +254,13 @@ def stream_mask_diffusion(
     check_sampling_args(temperature, top_k, top_p)
     _check_two_tower_args(model, mask_token_id, block_size, steps_per_block, confidence_threshold)
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
+    eos_token_id = check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size) or None
+    suppressed = _suppressed_ids(mask_token_id, suppress_token_ids, model.config.vocab_size, model.denoiser_device)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     return (yield from _mask_diffusion_steps(
         model, input_ids, attention_mask, max_new_tokens, block_size, steps_per_block, mask_token_id,
         float(temperature), float(confidence_threshold), top_k, top_p, eos_token_id, pad,
-        make_generator(seed, generator), suppress_token_ids, on_step,
+        make_generator(seed, generator), suppressed, on_step,
     ))
 
 
@@ -362,8 +365,11 @@ def stream_mock_ar(
     check_sampling_args(temperature, top_k, top_p)
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
     mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
+    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool) or not 0 <= mask_token_id < model.config.vocab_size:
+        raise ValueError(f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={model.config.vocab_size})")
+    eos_token_id = check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size) or None
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    suppress = _suppressed_ids(mask_token_id, suppress_token_ids, model.denoiser_device)
+    suppress = _suppressed_ids(mask_token_id, suppress_token_ids, model.config.vocab_size, model.denoiser_device)
     return (yield from _mock_ar_steps(
         model, input_ids, attention_mask, max_new_tokens, float(temperature), top_k, top_p, eos_token_id, pad,
         make_generator(seed, generator), suppress,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from twotower.sampling import check_sampling_args, make_generator, sample_from_logits, suppress_tokens
+from twotower.sampling import check_sampling_args, check_token_ids, make_generator, sample_from_logits, suppress_tokens
 
 STOP, LENGTH = "stop", "length"
 
@@ -100,8 +100,9 @@ def prepare_prompt(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate a (left-padded) prompt batch; return (input_ids (B, L), attention_mask or None)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int, torch.int32):
-        raise ValueError("input_ids must be an integer torch.Tensor of shape (batch, length)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        dtype = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids of type {dtype} is invalid: expected an integer torch.Tensor (int64, int32, ...) of shape (batch, length)")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
@@ -266,6 +267,10 @@ def _ar_generator(
     check_generation_args(max_new_tokens)
     check_sampling_args(temperature, top_k, top_p)
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
+    eos_token_id = check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size) or None
+    suppress_token_ids = check_token_ids("suppress_token_ids", suppress_token_ids, model.config.vocab_size)
+    if len(set(suppress_token_ids)) >= model.config.vocab_size:
+        raise ValueError("suppress_token_ids covers the whole vocabulary: no token is left to generate")
     if not do_sample:
         temperature = 0.0
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id

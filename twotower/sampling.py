@@ -6,6 +6,8 @@ over batch rows.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NEG_INF = float("-inf")
@@ -13,12 +15,31 @@ NEG_INF = float("-inf")
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ``ValueError`` for a sampling argument outside its allowed range."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 means greedy)")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: expected a finite number >= 0 (0 means greedy)")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise ValueError(f"top_k={top_k!r} is invalid: expected an integer >= 0 (0 or None disables it)")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} is invalid: expected a number in (0, 1]")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_token_ids(name: str, value, vocab_size: int) -> list[int]:
+    """Return ``value`` (None, an id, or a list of ids) as a list, or raise ``ValueError`` naming ``name``."""
+    if value is None:
+        return []
+    ids = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} is invalid: expected a token id or a list of token ids") from None
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ValueError(f"{name}={value!r} is invalid: expected token ids in [0, vocab_size={vocab_size})")
+    return ids
 
 
 def suppress_tokens(logits: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
@@ -72,6 +93,6 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
         raise ValueError("pass either seed or generator, not both")
     if seed is None:
         return generator
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r} is invalid: expected an integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} is invalid: expected an integer in [-2**63, 2**64)")
     return torch.Generator(device="cpu").manual_seed(seed)
