@@ -130,4 +130,8 @@ def barrier(context: DistributedContext) -> None:
 
 def shutdown(context: DistributedContext) -> None:
     if context.enabled and dist.is_initialized():
+        # All ranks reach this point before the group is torn down. Without the barrier, a rank
+        # that exits early could abort with gloo work still pending on another rank
+        # ("terminate called without an active exception", seen once on a loaded CPU).
+        dist.barrier()
         dist.destroy_process_group()
