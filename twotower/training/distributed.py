@@ -128,10 +128,14 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def shutdown(context: DistributedContext) -> None:
+def shutdown(context: DistributedContext, synchronize: bool = True) -> None:
+    """Tear down the process group; after a clean run all ranks meet at a barrier first.
+
+    Without the barrier, a rank that exits early could abort with gloo work still pending on
+    another rank ("terminate called without an active exception", seen once on a loaded CPU).
+    After an error the barrier is skipped, since the other ranks may never reach it.
+    """
     if context.enabled and dist.is_initialized():
-        # All ranks reach this point before the group is torn down. Without the barrier, a rank
-        # that exits early could abort with gloo work still pending on another rank
-        # ("terminate called without an active exception", seen once on a loaded CPU).
-        dist.barrier()
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -392,9 +392,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     context = init_distributed(config.device, config.distributed)
     try:
-        return _train(config, context)
-    finally:
-        shutdown(context)
+        summary = _train(config, context)
+    except BaseException:
+        shutdown(context, synchronize=False)
+        raise
+    shutdown(context)
+    return summary
 
 
 def _train(config: TrainConfig, context: DistributedContext) -> dict[str, Any]:
