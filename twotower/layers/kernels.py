@@ -1,8 +1,10 @@
-"""Optional fused CUDA kernels from the ``mamba_ssm`` and ``causal_conv1d`` packages.
+"""Optional fused CUDA kernels from the ``mamba_ssm`` package.
 
-They are used only when installed, when the tensors are on CUDA and when ``TWOTOWER_KERNELS`` is not
-``0``; the pure-PyTorch scan is the default and the oracle. Install them with ``pip install
-twotower[cuda]``.
+The fused scan runs only when ``mamba_ssm`` is installed, the tensors are on CUDA and
+``TWOTOWER_KERNELS`` is not ``0``. Otherwise the pure-PyTorch scan runs, which is also the oracle
+the tests check. Install the kernels with ``pip install twotower[cuda]``.
+
+TODO: the ``causal_conv1d`` kernel is not wired in yet; the conv always runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -18,11 +20,6 @@ try:  # pragma: no cover - only on machines with the CUDA packages
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:  # the usual case on CPU machines
     mamba_chunk_scan_combined = None
-
-try:  # pragma: no cover
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
 
 
 def kernels_enabled(x: torch.Tensor) -> bool:
