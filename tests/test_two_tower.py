@@ -368,7 +368,8 @@ def test_diffusion_statistics():
     assert stats.denoiser_passes == 8
     assert stats.context_passes == 1  # the last block is never appended
     assert stats.generated_tokens == 32
-    assert stats.denoise_s > 0 and stats.total_s >= stats.denoise_s
+    assert stats.denoise_s > 0
+    assert stats.total_s >= stats.denoise_s
 
 
 @pytest.mark.parametrize(

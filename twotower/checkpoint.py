@@ -190,7 +190,7 @@ def load_weights(
 
 
 def checkpoint_dtype(directory: str | Path) -> torch.dtype:
-    """The dtype the checkpoint stores its embedding table in (read from the header, not the data)."""
+    """Return the dtype of the checkpoint's embedding table, read from the shard header without loading data."""
     shards = list_shards(directory)
     name = next((n for n in shards if n.endswith("embeddings.weight")), next(iter(shards)))
     stored = _open(shards[name]).get_slice(name).get_dtype()

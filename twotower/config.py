@@ -291,12 +291,12 @@ class NemotronHConfig:
 
     @classmethod
     def nemotron_30b_a3b(cls) -> "NemotronHConfig":
-        """The released Nemotron-3-Nano-30B-A3B / TwoTower-30B-A3B layer sizes (52 layers)."""
+        """Return the released Nemotron-3-Nano-30B-A3B / TwoTower-30B-A3B layer sizes (52 layers)."""
         return cls()
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "NemotronHConfig":
-        """A model of a few hundred thousand parameters for tests: all four layer types, grouped routing."""
+        """Return a config of a few hundred thousand parameters for tests: all four layer types, grouped routing."""
         values: dict[str, Any] = dict(
             vocab_size=256,
             hidden_size=64,

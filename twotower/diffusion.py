@@ -108,8 +108,14 @@ def _check_two_tower_args(model, mask_token_id: int, block_size: int, steps_per_
         raise ValueError(f"steps_per_block={steps_per_block!r} is invalid: expected an integer >= 1")
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"confidence_threshold={threshold!r} is invalid: expected a number in [0, 1]")
-    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool) or not 0 <= mask_token_id < vocab:
-        raise ValueError(f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={vocab})")
+    _check_mask_token_id(mask_token_id, vocab)
+
+
+def _check_mask_token_id(mask_token_id, vocab_size: int) -> None:
+    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool) or not 0 <= mask_token_id < vocab_size:
+        raise ValueError(
+            f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={vocab_size})"
+        )
 
 
 def _suppressed_ids(mask_token_id: int, suppress_token_ids, vocab_size: int, device) -> torch.Tensor:
@@ -365,8 +371,7 @@ def stream_mock_ar(
     check_sampling_args(temperature, top_k, top_p)
     input_ids, attention_mask = prepare_prompt(input_ids, attention_mask, model.config.vocab_size)
     mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
-    if not isinstance(mask_token_id, int) or isinstance(mask_token_id, bool) or not 0 <= mask_token_id < model.config.vocab_size:
-        raise ValueError(f"mask_token_id={mask_token_id!r} is invalid: expected a token id in [0, vocab_size={model.config.vocab_size})")
+    _check_mask_token_id(mask_token_id, model.config.vocab_size)
     eos_token_id = check_token_ids("eos_token_id", eos_token_id, model.config.vocab_size) or None
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     suppress = _suppressed_ids(mask_token_id, suppress_token_ids, model.config.vocab_size, model.denoiser_device)

@@ -39,7 +39,7 @@ class NemotronHBlock(nn.Module):
 def causal_attention_mask(
     key_mask: torch.Tensor, start: int, length: int, self_attend_padding: bool = True
 ) -> torch.Tensor:
-    """Boolean mask (B, 1, L, start + L): query i sees keys ``j <= start + i`` that are real tokens.
+    """Boolean mask (B, 1, L, start + L): query i attends to keys ``j <= start + i`` that are real tokens.
 
     Padded queries would see no key at all (SDPA then returns NaN), so they attend to themselves;
     their outputs are never read.
@@ -200,7 +200,7 @@ class NemotronHForCausalLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: NemotronHConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> "NemotronHForCausalLM":
-        """A randomly initialised model (deterministic for a given ``seed``)."""
+        """Build a randomly initialised model (deterministic for a given ``seed``)."""
         model = cls(config)
         model.init_weights(torch.Generator().manual_seed(seed))
         return model.to(dtype)

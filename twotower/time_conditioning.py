@@ -58,7 +58,7 @@ def reset_time_conditioning(
 
 
 def time_embedding(t_embedder: TimestepEmbedder, t_block: nn.Sequential, t: torch.Tensor) -> torch.Tensor:
-    """The modulation shared by all layers, (B, 3, H), for per-row timesteps t (B,)."""
+    """Compute the modulation shared by all layers, (B, 3, H), for per-row timesteps t (B,)."""
     out = t_block(t_embedder(t))
     return out.unflatten(-1, (3, out.shape[-1] // 3))
 

@@ -132,7 +132,7 @@ class TwoTowerForCausalLM(nn.Module):
     def denoiser_layer(
         self, layer: NemotronHBlock, x: torch.Tensor, embedding: torch.Tensor | None, mixer: MixerFn
     ) -> torch.Tensor:
-        """One denoiser layer around ``mixer``: time-modulated when ``embedding`` (B, 3, H) is given."""
+        """Apply one denoiser layer around ``mixer``, time-modulated when ``embedding`` (B, 3, H) is given."""
         if embedding is None:
             return x + mixer(layer.norm(x))
         shift, scale, gate = layer_modulation(self.scale_shift_tables, embedding, layer.layer_idx)
@@ -175,7 +175,7 @@ class TwoTowerForCausalLM(nn.Module):
             attn_mask = None
         else:
             full = torch.cat([key_mask, key_mask.new_ones(batch, block_size)], dim=1)
-            attn_mask = full[:, None, None, :]  # every block position sees the same keys
+            attn_mask = full[:, None, None, :]  # every block position attends to the same keys
 
         if scratch:
             keys, values = cache.keys, cache.values
@@ -305,7 +305,7 @@ class TwoTowerForCausalLM(nn.Module):
             from twotower.checkpoint import CheckpointError
 
             raise CheckpointError(
-                f"{path} holds no denoiser_tower.* tensors: it is not a two-tower checkpoint; "
+                f"{path} contains no denoiser_tower.* tensors, so it is not a two-tower checkpoint; "
                 "use TwoTowerForCausalLM.from_single_tower to start one from a single-tower model"
             )
         dtype = parse_dtype(dtype) or checkpoint_dtype(path)

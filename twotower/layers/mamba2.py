@@ -168,7 +168,7 @@ class Mamba2Mixer(nn.Module):
         if return_states_at is not None:
             if scan != "chunked":
                 raise ValueError("return_states_at needs scan='chunked'")
-            # After position p the conv state holds raw inputs p-K+2 .. p: window[p+1 : p+K].
+            # After position p the conv state contains raw inputs p-K+2 .. p, which are window[p+1 : p+K].
             index = torch.as_tensor(return_states_at, dtype=torch.long, device=window.device)
             offsets = index[:, None] + 1 + torch.arange(self.conv_kernel - 1, device=window.device)[None]
             conv_at = window[:, :, offsets].permute(0, 2, 1, 3)  # (B, M, D, K-1)

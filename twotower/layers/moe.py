@@ -114,8 +114,8 @@ class MoE(nn.Module):
         flat_ids = expert_ids.reshape(-1)  # (T*K,)
         order = flat_ids.argsort(stable=True)
         token_of_pair = order // self.top_k
-        # NOTE: reading the counts back is a host sync per MoE layer, which on a GPU stalls the
-        # launch queue; a grouped GEMM over stacked expert weights would remove it.
+        # NOTE: reading the counts back is a host sync per MoE layer, which stalls a GPU's launch
+        # queue. A grouped GEMM over stacked expert weights would remove it.
         counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
 
         x_sorted = x[token_of_pair]  # (T*K, H)

@@ -4,7 +4,7 @@ A clean sequence of ``n_blocks * S`` tokens runs once through the frozen context
 which yields, per layer, the K/V of every position and the Mamba conv/SSM states at every block
 boundary. The noisy sequence then runs once through the denoiser:
 
-* attention: queries of block b see the context K/V of blocks ``< b`` (same layer) and the
+* attention: queries of block b attend to the context K/V of blocks ``< b`` (same layer) and the
   denoiser's own K/V of block b, bidirectionally; block 0 sees no context;
 * Mamba: each block is a separate scan (chunk size = S) seeded with the context tower's conv and
   SSM state after block b - 1 (zeros for block 0);
@@ -29,7 +29,7 @@ T_MIN = 1e-3
 
 @dataclass
 class ContextFeatures:
-    """What the denoiser reads from the context tower, per layer index."""
+    """Context-tower outputs the denoiser reads, keyed by layer index."""
 
     keys: dict[int, torch.Tensor]  # (B, n_kv, L, P)
     values: dict[int, torch.Tensor]
@@ -77,7 +77,7 @@ def context_features(model, input_ids: torch.Tensor, block_size: int) -> Context
 
 
 def block_causal_mask(length: int, block_size: int, device) -> torch.Tensor:
-    """(L, 2L) mask over [context keys | denoiser keys]: block b sees context blocks < b and itself."""
+    """Build the (L, 2L) mask over [context keys | denoiser keys]: block b attends to context blocks < b and to itself."""
     block_of = torch.arange(length, device=device) // block_size
     sees_context = block_of[None, :] < block_of[:, None]
     sees_own_block = block_of[None, :] == block_of[:, None]
@@ -136,7 +136,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, masked: tor
 def diffusion_loss(
     model, input_ids: torch.Tensor, block_size: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage-2 loss on clean ``input_ids`` (B, L): noise, one context pass, one denoiser pass."""
+    """Compute the stage-2 loss on clean ``input_ids`` (B, L): noise, one context pass, one denoiser pass."""
     noisy, masked, t = sample_noise(input_ids, model.config.mask_token_id, generator)
     context = context_features(model, input_ids, block_size)
     logits = denoiser_training_logits(model, noisy, t, context, block_size)
