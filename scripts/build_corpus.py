@@ -557,12 +557,20 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    check_special_tokens(tokenizer)
+    return tokenizer
 
+
+def check_special_tokens(tokenizer: Tokenizer) -> None:
+    """Raise ValueError unless the special tokens have ids 0..3 in SPECIAL_TOKENS order."""
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         actual_id = tokenizer.token_to_id(token)
         if actual_id != expected_id:
-            raise RuntimeError(f"special token {token} got id {actual_id}, expected {expected_id}")
-    return tokenizer
+            raise ValueError(
+                f"tokenizer maps {token!r} to id {actual_id}; the corpus format needs "
+                f"{', '.join(f'{name}={i}' for i, name in enumerate(SPECIAL_TOKENS))}"
+            )
+    check_vocab_size(tokenizer.get_vocab_size())
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -668,10 +676,13 @@ def build_outputs(
     round_trip_samples: int = 256,
     seed: int = 0,
     show_progress: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> dict:
     """Train the tokenizer on train_docs, pack both splits and write tokenizer.json, train.bin and val.bin.
 
-    Returns the part of meta.json that describes the tokenizer and token files.
+    With ``tokenizer`` given, that tokenizer is used as it is and none is trained, so that token ids
+    match a model trained on an earlier build. Returns the part of meta.json that describes the
+    tokenizer and token files.
     """
     check_vocab_size(vocab_size)
     if not train_docs:
@@ -680,23 +691,28 @@ def build_outputs(
         raise ValueError("the validation split is empty; raise --val-fraction or add documents")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    LOGGER.info(
-        "training a byte-level BPE tokenizer (vocab_size=%d) on %d documents",
-        vocab_size,
-        len(train_docs),
-    )
-    started = time.perf_counter()
-    tokenizer = train_tokenizer(
-        (document.text for document in train_docs),
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        show_progress=show_progress,
-    )
-    LOGGER.info(
-        "tokenizer trained in %.1f s with %d tokens",
-        time.perf_counter() - started,
-        tokenizer.get_vocab_size(),
-    )
+    if tokenizer is None:
+        LOGGER.info(
+            "training a byte-level BPE tokenizer (vocab_size=%d) on %d documents",
+            vocab_size,
+            len(train_docs),
+        )
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(
+            (document.text for document in train_docs),
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+        )
+        LOGGER.info(
+            "tokenizer trained in %.1f s with %d tokens",
+            time.perf_counter() - started,
+            tokenizer.get_vocab_size(),
+        )
+    else:
+        check_special_tokens(tokenizer)
+        vocab_size = tokenizer.get_vocab_size()
+        LOGGER.info("using the given tokenizer (%d tokens); none is trained", vocab_size)
 
     # Check the probe, every validation document and a seeded sample of training documents.
     sample = sorted(train_docs, key=lambda document: stable_fraction(document.doc_id, seed))
@@ -817,6 +833,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"({MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE}, so ids fit in uint16)",
     )
     parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="use this tokenizer.json instead of training one (for example twotower/demo/tokenizer.json, "
+        "so that token ids match the demo model when a source package has changed since it was trained)",
+    )
+    parser.add_argument(
         "--min-frequency",
         type=int,
         default=2,
@@ -891,6 +915,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         check_vocab_size(args.vocab_size)
     except ValueError as error:
         parser.error(str(error))
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        parser.error(f"--tokenizer {args.tokenizer} is not a file")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if not 0.0 <= args.max_code_share < 1.0:
@@ -1036,6 +1062,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_doc_chars": args.min_doc_chars,
         "sources": args.sources,
     }
+    tokenizer = None
+    if args.tokenizer is not None:
+        settings["tokenizer_sha256"] = hashlib.sha256(args.tokenizer.read_bytes()).hexdigest()
+        try:
+            tokenizer = Tokenizer.from_file(str(args.tokenizer))
+        except Exception as error:  # tokenizers raises its own Exception subclass
+            raise SystemExit(f"--tokenizer {args.tokenizer} could not be read: {error}") from error
     fingerprint = corpus_fingerprint(documents, settings)
     if not args.force and outputs_are_current(args.out, fingerprint):
         LOGGER.info(
@@ -1051,6 +1084,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_frequency=args.min_frequency,
         seed=args.seed,
         show_progress=not args.no_progress,
+        tokenizer=tokenizer,
     )
 
     meta.update(

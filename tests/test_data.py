@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
 from twotower.data import TokenDataset, load_meta
 
@@ -375,3 +376,24 @@ def test_collect_python_docs(tmp_path):
     assert record.licence.startswith("PSF-2.0")
     assert "0BSD" in record.licence
     assert record.version == "3.11.2-6"
+
+
+def test_given_tokenizer_is_reused(corpus, documents, tmp_path):
+    out_dir, train_docs, val_docs, meta = corpus
+    given = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    # Other training documents would train another tokenizer; the given one must be kept as it is.
+    reused = bc.build_outputs(
+        val_docs, train_docs, tmp_path, vocab_size=SMALL_VOCAB, show_progress=False, tokenizer=given
+    )
+    assert (tmp_path / "tokenizer.json").read_text() == (out_dir / "tokenizer.json").read_text()
+    assert reused["vocab_size"] == meta["vocab_size"]
+    assert reused["mask_id"] == 3
+
+
+def test_given_tokenizer_needs_special_ids():
+    wrong = Tokenizer(models.BPE())
+    wrong.add_special_tokens(["<s>", "<pad>", "</s>", "<mask>"])
+    with pytest.raises(ValueError, match="'<pad>' to id 1"):
+        bc.check_special_tokens(wrong)
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--tokenizer", "no/such/tokenizer.json"])
