@@ -341,4 +341,6 @@ def test_delegated_command_help(capsys, command, option):
     with pytest.raises(SystemExit) as stop:
         cli.main([command, "--help"])
     assert stop.value.code == 0
-    assert option in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert option in out
+    assert out.startswith(f"usage: twotower {command} ")

@@ -534,7 +534,7 @@ def run_eval(argv: list[str]) -> int:
     entry = getattr(evaluation, "main", None)
     if entry is None:
         return _missing("eval", "the module twotower.evaluation or its main() is missing")
-    return int(entry(argv) or 0)
+    return int(entry(argv, prog="twotower eval") or 0)
 
 
 def benchmarks_dir() -> Path:

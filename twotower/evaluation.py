@@ -159,9 +159,9 @@ def update_card(card: Path, section: str) -> None:
     card.write_text(text[: start + len(CARD_START)] + "\n" + section + "\n" + text[end:], encoding="utf-8")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m twotower.evaluation") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m twotower.evaluation",
+        prog=prog,
         description="Compare AR, mock-AR and mask-diffusion generation of a two-tower model on held-out prompts.",
     )
     parser.add_argument("--model", default="twotower/demo", help="two-tower model folder (default: %(default)s)")
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m twotower.evaluation") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
