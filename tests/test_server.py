@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ import openai
 import pytest
 import uvicorn
 
+from twotower import cli
 from twotower.api_requests import ServerLimits
 from twotower.pipeline import load_pipeline
 from twotower.server import create_app
@@ -19,6 +21,7 @@ from twotower.server import create_app
 MODEL = "tiny"
 # The conftest model's generation_config.json sets blocks of 4 positions and 4 steps per block.
 SMALL = {"max_tokens": 8}
+BODY_LIMIT = 1024  # max_body_bytes of the body_limit_server fixture
 
 
 class RunningServer:
@@ -67,6 +70,16 @@ def chat_server(chat_model_dir):
     # A separate model instance with a one-request queue, for the chat and queue-full tests.
     limits = ServerLimits(max_queue=1, max_batch_rows=4, max_prompt_tokens=64, max_tokens=1024)
     running = RunningServer(create_app(load_pipeline(chat_model_dir), MODEL, limits))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def body_limit_server(model_dir):
+    # A small body limit, so bodies just over it are quick to send.
+    limits = ServerLimits(max_queue=4, max_batch_rows=4, max_prompt_tokens=64, max_tokens=1024,
+                          max_body_bytes=BODY_LIMIT)
+    running = RunningServer(create_app(load_pipeline(model_dir), MODEL, limits))
     yield running
     running.stop()
 
@@ -301,6 +314,133 @@ def test_chat_without_template_400(client):
     assert "no chat template" in caught.value.body["message"]
 
 
+# ---------------------------------------------------------------------- request body limit
+
+
+def padded_body(size: int) -> bytes:
+    """Return a valid completion request of exactly ``size`` bytes, padded with trailing whitespace."""
+    body = json.dumps({"model": MODEL, "prompt": "Shall I", "max_tokens": 4}).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def in_pieces(body: bytes, size: int = 100):
+    """Yield ``body`` in pieces, so httpx sends it chunked, without a Content-Length."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def assert_body_too_large(response: httpx.Response) -> None:
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "request_too_large"
+    assert error["type"] == "invalid_request_error"
+    assert str(BODY_LIMIT) in error["message"]
+    assert "max_body_bytes" in error["message"]
+
+
+@pytest.mark.parametrize("size", [BODY_LIMIT + 1, 64 * BODY_LIMIT])
+def test_body_over_limit_413(body_limit_server, size):
+    response = httpx.post(body_limit_server.base_url + "/v1/completions", content=padded_body(size),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.request.headers["content-length"] == str(size)
+    assert_body_too_large(response)
+    assert httpx.get(body_limit_server.base_url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("size", [BODY_LIMIT + 1, 64 * BODY_LIMIT])
+def test_chunked_body_over_limit_413(body_limit_server, size):
+    response = httpx.post(body_limit_server.base_url + "/v1/chat/completions", content=in_pieces(padded_body(size)),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_body_too_large(response)
+    assert httpx.get(body_limit_server.base_url + "/health").status_code == 200
+
+
+def send_unfinished(server: RunningServer, head: bytes, body_start: bytes) -> tuple[int, dict]:
+    """Send a request whose body never finishes; return the status and JSON body of the reply.
+
+    The server must reply and close the connection without the rest of the body, or the read
+    times out after 10 s.
+    """
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n" + body_start)
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    status_line, _, rest = reply.partition(b"\r\n")
+    _, _, payload = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+def test_large_content_length_413_early(body_limit_server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n")
+    status, body = send_unfinished(body_limit_server, head, b'{"prompt": "')
+    assert status == 413
+    assert body["error"]["code"] == "request_too_large"
+
+
+def test_unfinished_chunked_body_413(body_limit_server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n")
+    piece = padded_body(BODY_LIMIT + 1)
+    # One chunk over the limit and no terminating zero-length chunk, so the body never ends.
+    status, body = send_unfinished(body_limit_server, head, b"%x\r\n%s\r\n" % (len(piece), piece))
+    assert status == 413
+    assert body["error"]["code"] == "request_too_large"
+
+
+def test_body_at_limit_accepted(body_limit_server):
+    url = body_limit_server.base_url + "/v1/completions"
+    headers = {"content-type": "application/json"}
+    whole = httpx.post(url, content=padded_body(BODY_LIMIT), headers=headers, timeout=120)
+    assert whole.status_code == 200
+    assert whole.json()["object"] == "text_completion"
+
+    chunked = httpx.post(url, content=in_pieces(padded_body(BODY_LIMIT)), headers=headers, timeout=120)
+    assert "content-length" not in chunked.request.headers
+    assert chunked.status_code == 200
+    assert chunked.json()["choices"][0]["text"] == whole.json()["choices"][0]["text"]
+
+
+def test_max_body_bytes_default():
+    assert ServerLimits().max_body_bytes == 4 * 1024 * 1024
+    assert cli.build_parser().parse_args(["serve"]).max_body_bytes == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_body_bytes_invalid_limit(value):
+    with pytest.raises(ValueError) as caught:
+        ServerLimits(max_body_bytes=value)
+    assert "max_body_bytes" in str(caught.value)
+    assert repr(value) in str(caught.value)
+    assert ">= 1" in str(caught.value)
+
+
+@pytest.mark.parametrize("value, expected", [("0", ">= 1"), ("-5", ">= 1"), ("4MiB", "invalid integer")])
+def test_max_body_bytes_invalid_option(capsys, value, expected):
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args(["serve", "--max-body-bytes", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-body-bytes" in err
+    assert value in err
+    assert expected in err
+
+
+def test_max_body_bytes_option_reaches_server(model_dir, monkeypatch):
+    from twotower import server as server_module
+
+    served = {}
+    monkeypatch.setattr(server_module, "serve", lambda pipeline, **kwargs: served.update(kwargs))
+    status = cli.main(["serve", "--model", str(model_dir), "--max-body-bytes", "2048", "--log-level", "warning"])
+    assert status == 0
+    assert served["limits"].max_body_bytes == 2048
+
+
 # ---------------------------------------------------------------------- chat
 
 
@@ -351,6 +491,31 @@ def test_concurrent_clients_match_alone(server):
         together = list(pool.map(ask, prompts))
     assert together == alone
     assert max(list(server.scheduler.batch_sizes)[first_batch:]) > 1, "concurrent greedy requests were never batched"
+
+
+def test_health_during_slow_tokenization(server, monkeypatch):
+    # The patched encode blocks until the test releases it, which happens only after /health returns.
+    # Run on the event loop, it would block /health too, and the 5 s timeout would fail the test.
+    pipeline = server.scheduler.pipeline
+    encode = pipeline.encode
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_encode(prompt, *args, **kwargs):
+        if prompt == "slow prompt":
+            entered.set()
+            release.wait(timeout=60)
+        return encode(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "encode", slow_encode)
+    queued = _QueuedRequest(server.base_url, {"model": MODEL, "prompt": "slow prompt", **SMALL})
+    try:
+        assert entered.wait(timeout=30), "the request never reached the tokenizer"
+        health = httpx.get(server.base_url + "/health", timeout=5)
+        assert health.status_code == 200
+        assert not queued.done(), "the completion finished before the tokenizer was released"
+    finally:
+        release.set()
+    assert queued.result().status_code == 200
 
 
 class _OpenStream:
@@ -411,6 +576,9 @@ class _QueuedRequest:
     def __init__(self, base_url: str, body: dict):
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._future = self._pool.submit(httpx.post, base_url + "/v1/completions", json=body, timeout=120)
+
+    def done(self) -> bool:
+        return self._future.done()
 
     def result(self) -> httpx.Response:
         try:

@@ -27,19 +27,26 @@ class ServerLimits:
     max_prompt_tokens: int = 4096  # tokens of one prompt
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     max_request_rows: int = 64  # prompts times n in one request
+    max_body_bytes: int = 4 * 1024 * 1024  # bytes of one request body; larger bodies get 413
+
+    def __post_init__(self) -> None:
+        value = self.max_body_bytes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_body_bytes={value!r} is invalid: expected an integer >= 1")
 
 
 class APIError(Exception):
     """An error returned to the client as ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
         self.code = code
+        self.headers = headers  # extra HTTP response headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}

@@ -177,6 +177,9 @@ def _add_serve_parser(commands) -> None:
                         help="maximum prompt length of a request, in tokens (default: 4096)")
     parser.add_argument("--max-tokens-limit", type=_integer(1), default=1024,
                         help="maximum max_tokens a request may ask for (default: 1024)")
+    parser.add_argument("--max-body-bytes", type=_integer(1), default=4 * 1024 * 1024,
+                        help="maximum size of a request body in bytes; larger requests get 413 "
+                             "(default: 4194304, which is 4 MiB)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="logging level (default: info)")
     parser.set_defaults(handler=run_serve)
@@ -506,7 +509,8 @@ def run_serve(args: argparse.Namespace) -> int:
     pipeline = load_pipeline_from_args(args)
     name = args.served_model_name or resolve_model_dir(args.model).name
     limits = server.ServerLimits(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
-                                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit)
+                                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                                 max_body_bytes=args.max_body_bytes)
     server.serve(pipeline, host=args.host, port=args.port, model_name=name, limits=limits, log_level=args.log_level)
     return 0
 

@@ -351,7 +351,9 @@ class TextPipeline:
     def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one prompt: a string is tokenized, a token-id list is checked and copied."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+            # encode_batch releases the GIL while it works and encode does not (tokenizers 0.23), so a
+            # server thread tokenizing a long prompt leaves the event loop free.
+            ids = self.tokenizer.encode_batch([prompt], add_special_tokens=add_special_tokens)[0].ids
         else:
             ids = list(prompt)
             for token in ids:

@@ -6,7 +6,8 @@ match, up to ``max_batch_rows`` prompts; a sampled request (temperature > 0) run
 seed gives the same tokens whatever else is queued. Only one generation runs at a time, so no two
 generations ever share a cache. A client that disconnects sets its request's cancel flag. The
 generation loop checks the flags after every chunk and every denoiser pass and stops once every
-request in the batch is cancelled.
+request in the batch is cancelled. Request bodies are decoded and tokenized on a worker thread, and
+a body larger than ``max_body_bytes`` gets 413 before it is read in full.
 
 Streaming responses are server-sent events with one chunk per committed block in diffusion mode
 and per token in the AR modes, ending with ``data: [DONE]``.
@@ -22,7 +23,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -204,6 +205,45 @@ class Scheduler:
                 job.post(("error", failure))
 
 
+# ---------------------------------------------------------------------- request bodies
+
+
+def _body_too_large(limit: int) -> APIError:
+    # Closing the connection stops uvicorn from reading and discarding the rest of the body.
+    return APIError(413, f"the request body is larger than the maximum of {limit} bytes (max_body_bytes); "
+                         "send a shorter request", code="request_too_large",
+                    headers={"Connection": "close"})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the request body; raise a 413 ``APIError`` as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length over the limit is rejected without waiting for the body. A chunked
+    body is counted while it arrives, so this function buffers at most ``limit`` bytes plus one chunk.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(limit)
+
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
+        # int_max_str_digits. RecursionError comes from arrays or objects nested too deeply.
+        raise APIError(400, f"the request body is not valid JSON: {_short(str(error))}") from None
+
+
 # ---------------------------------------------------------------------- responses
 
 
@@ -212,7 +252,7 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _usage(job: Job, results: dict[int, CompletionResult]) -> dict[str, int]:
@@ -363,8 +403,9 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await scheduler.start()
-        logger.info("serving model %s (queue %d, batch rows %d, prompt tokens <= %d, max_tokens <= %d)",
-                    model_name, limits.max_queue, limits.max_batch_rows, limits.max_prompt_tokens, limits.max_tokens)
+        logger.info("serving model %s (queue %d, batch rows %d, prompt tokens <= %d, max_tokens <= %d, "
+                    "body bytes <= %d)", model_name, limits.max_queue, limits.max_batch_rows,
+                    limits.max_prompt_tokens, limits.max_tokens, limits.max_body_bytes)
         try:
             yield
         finally:
@@ -404,13 +445,19 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
                            param="model", code="model_not_found")
         return model_card()
 
-    async def read_body(request: Request) -> Any:
-        try:
-            return await request.json()
-        except (ValueError, RecursionError) as error:
-            # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
-            # int_max_str_digits. RecursionError comes from arrays or objects nested too deeply.
-            raise APIError(400, f"the request body is not valid JSON: {_short(str(error))}") from None
+    def parse_body(body: bytes, parse: Callable[..., GenerationRequest]) -> GenerationRequest:
+        return parse(_decode_json(body), pipeline, limits, model_name)
+
+    async def prepare(request: Request, parse: Callable[..., GenerationRequest]) -> GenerationRequest:
+        """Read a generation request, then decode and validate it on a worker thread.
+
+        JSON decoding, the chat template and tokenization of a long prompt can take seconds, and on
+        the event loop they would stall every other client. The prompt-length check runs after
+        tokenization, inside ``parse``.
+        """
+        body = await _read_body(request, limits.max_body_bytes)
+        # The pipeline tokenizes with encode_batch, which releases the GIL, so this thread runs beside the loop.
+        return await asyncio.to_thread(parse_body, body, parse)
 
     async def run(request: Request, parsed: GenerationRequest) -> Any:
         job = scheduler.submit(parsed)
@@ -425,13 +472,11 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await read_body(request)
-        return await run(request, parse_completion_request(body, pipeline, limits, model_name))
+        return await run(request, await prepare(request, parse_completion_request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await read_body(request)
-        return await run(request, parse_chat_request(body, pipeline, limits, model_name))
+        return await run(request, await prepare(request, parse_chat_request))
 
     return app
 
