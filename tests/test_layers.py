@@ -7,7 +7,7 @@ import torch
 
 from twotower.layers.mamba2 import Mamba2Mixer, MambaState
 from twotower.layers.moe import MoE
-from twotower.layers.ssd import ssd_chunk_scan, ssd_sequential
+from twotower.layers.ssd import ssd_block_scan, ssd_chunk_scan, ssd_sequential
 
 from tower_helpers import (  # noqa: F401 (inference_on_one_thread is an autouse fixture)
     CONFIGS,
@@ -48,6 +48,14 @@ def test_chunk_scan_matches_sequential(chunk_size, with_initial_state):
     assert states_at is None
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 2, 16])
+def test_block_scan_matches_sequential(length):
+    x, dt, A, B, C, initial = scan_inputs(seed=5, length=length)
+    y = ssd_block_scan(x, dt, A, B, C, initial)
+    y_ref, _ = ssd_sequential(x, dt, A, B, C, initial_state=initial)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_initial_state_changes_outputs():
@@ -168,6 +176,16 @@ def test_mixer_sequential_scan_matches_chunked(chunk_size):
     sequential = mixer(hidden, state, scan="sequential")
     torch.testing.assert_close(chunked.hidden, sequential.hidden, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.state.ssm, sequential.state.ssm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [2, 16])
+def test_mixer_without_state_matches_sequential(length):
+    mixer, state = mixer_and_state()
+    hidden = torch.randn(BATCH, length, TINY.hidden_size, generator=torch.Generator().manual_seed(6))
+    light = mixer(hidden, state, return_state=False)
+    sequential = mixer(hidden, state, scan="sequential")
+    assert light.state is None
+    torch.testing.assert_close(light.hidden, sequential.hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_mixer_unknown_scan_raises():

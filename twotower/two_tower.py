@@ -211,7 +211,7 @@ class TwoTowerForCausalLM(nn.Module):
         x = self.denoiser_tower.embeddings(block_ids.to(self.denoiser_device))
         for i, layer in enumerate(self.denoiser_tower.layers):
             if layer.block_type == MAMBA:
-                mixer = lambda h, layer=layer, seed=context.seeds[i]: layer.mixer(h, seed).hidden  # noqa: E731
+                mixer = lambda h, layer=layer, seed=context.seeds[i]: layer.mixer(h, seed, return_state=False).hidden  # noqa: E731
             elif layer.block_type == ATTENTION:
                 mixer = lambda h, layer=layer, i=i: context.attend(layer, i, h)  # noqa: E731
             else:

@@ -22,7 +22,7 @@ from torch import nn
 from twotower.config import NemotronHConfig
 from twotower.layers.kernels import fused_chunk_scan
 from twotower.layers.norms import GatedRMSNorm
-from twotower.layers.ssd import ssd_chunk_scan, ssd_sequential, ssd_step
+from twotower.layers.ssd import ssd_block_scan, ssd_chunk_scan, ssd_sequential, ssd_step
 
 
 class MambaState(NamedTuple):
@@ -32,7 +32,7 @@ class MambaState(NamedTuple):
 
 class MambaOutput(NamedTuple):
     hidden: torch.Tensor  # (B, L, H)
-    state: MambaState  # after the last token
+    state: MambaState | None  # after the last token; None when return_state=False
     previous: MambaState | None  # after the second-to-last token, when asked for
     states_at: MambaState | None = None  # conv (B, M, D, K-1) and ssm (B, M, nh, P, N) after chosen positions
 
@@ -98,6 +98,7 @@ class Mamba2Mixer(nn.Module):
         return_previous: bool = False,
         scan: str = "chunked",
         return_states_at: list[int] | None = None,
+        return_state: bool = True,
     ) -> MambaOutput:
         """Mix ``hidden`` (B, L, H) starting from ``state`` (zeros when ``None``).
 
@@ -105,6 +106,8 @@ class Mamba2Mixer(nn.Module):
         dt = 0, so they leave both states untouched. ``return_previous`` also returns the state one
         token before the end. ``return_states_at`` also returns both states after each listed
         position (chunked scan only). ``scan="sequential"`` runs the slow reference recurrence.
+        ``return_state=False`` (the denoiser, which only reads its seed) skips the new state, and an
+        input no longer than one chunk then takes a shorter scan.
         """
         batch, length, _ = hidden.shape
         if state is None:
@@ -143,6 +146,11 @@ class Mamba2Mixer(nn.Module):
             y, new_ssm = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
             previous_ssm = state.ssm if return_previous else None
+        elif (
+            not return_state and scan == "chunked" and not return_previous and return_states_at is None
+            and length <= (chunk_size or self.chunk_size)
+        ):
+            y, new_ssm = ssd_block_scan(x, dt, A, B, C, state.ssm), None
         elif scan == "chunked" and not return_previous and return_states_at is None and (
             fused := fused_chunk_scan(x, dt, A, B, C, chunk_size or self.chunk_size, state.ssm)
         ) is not None:
@@ -173,4 +181,5 @@ class Mamba2Mixer(nn.Module):
             offsets = index[:, None] + 1 + torch.arange(self.conv_kernel - 1, device=window.device)[None]
             conv_at = window[:, :, offsets].permute(0, 2, 1, 3)  # (B, M, D, K-1)
             states_at = MambaState(conv_at, at[:, : len(return_states_at)])
-        return MambaOutput(out, MambaState(new_conv, new_ssm), previous, states_at)
+        new_state = MambaState(new_conv, new_ssm) if return_state else None
+        return MambaOutput(out, new_state, previous, states_at)

@@ -118,6 +118,36 @@ def ssd_chunk_scan(
     return y, final_state, states_at
 
 
+def ssd_block_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor,
+) -> torch.Tensor:
+    """Return only the outputs y (B, L, nh, P) of a short input scanned as one chunk from ``initial_state``.
+
+    A denoiser pass needs the outputs of its block but never the state after it, so this skips the
+    chunk-state and boundary steps of ``ssd_chunk_scan`` and forms C·B once per group instead of per
+    head. The result equals ``ssd_chunk_scan`` with a chunk as long as the input.
+    """
+    batch, length, n_heads, head_dim = x.shape
+    groups = B.shape[2]
+    x, dt, B, C, A = x.float(), dt.float(), B.float(), C.float(), A.float()
+
+    dA = (dt * A).transpose(1, 2)  # (B, nh, L)
+    decay = torch.exp(segment_sum(dA))  # (B, nh, L, L), zero above the diagonal
+    scores = torch.einsum("blgn,bsgn->bgls", C, B).repeat_interleave(n_heads // groups, dim=1)
+    x_dt = (x * dt[..., None]).transpose(1, 2)  # (B, nh, L, P)
+    y = torch.matmul(scores * decay, x_dt).transpose(1, 2)  # (B, L, nh, P)
+
+    # The state carried in, decayed to each position and read out through C.
+    state = initial_state.float().unflatten(1, (groups, n_heads // groups))  # (B, G, nh/G, P, N)
+    carried = torch.einsum("blgn,bgrpn->blgrp", C, state).flatten(2, 3)  # (B, L, nh, P)
+    return y + carried * torch.exp(dA.cumsum(-1)).transpose(1, 2)[..., None]
+
+
 def _states_at_positions(positions, chunk_size, dA_cumsum, B, x_dt, start_states) -> torch.Tensor:
     """State after each position: the chunk's start state decayed, plus the chunk's inputs so far."""
     chunk, offset = positions // chunk_size, positions % chunk_size
