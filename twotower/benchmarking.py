@@ -374,7 +374,7 @@ def parse_int_list(text: str) -> list[int]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_device: str = "cpu") -> None:
-    """Add --model, --size, --dtype, --device, --seed, --threads and --json to a benchmark's parser."""
+    """Add --model, --size, --dtype, --device, --seed, --threads, --compile and --json to a benchmark's parser."""
     parser.add_argument("--model", type=Path, default=None,
                         help="two-tower checkpoint directory (default: the bundled demo model, "
                              "or random tiny weights when the demo is not installed)")
@@ -387,6 +387,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_device: str = "
     add_seed_argument(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice, usually the core count)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model's steps with torch.compile; warm-up runs absorb the compilation")
     add_json_argument(parser)
 
 
@@ -424,7 +426,11 @@ def load_or_build_model(args: argparse.Namespace) -> tuple[TwoTowerForCausalLM, 
     Returns the model in eval mode and its one-line description, as ``load_benchmark_model`` does.
     """
     apply_thread_setting(args.threads)
-    return load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+    model, description = load_benchmark_model(args.model, args.size, args.dtype, args.device, args.seed)
+    if getattr(args, "compile", False):
+        model.compile_steps()
+        description += ", compiled"
+    return model, description
 
 
 def machine_summary(machine: dict[str, Any]) -> str:

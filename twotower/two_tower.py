@@ -133,14 +133,19 @@ class TwoTowerForCausalLM(nn.Module):
         self, layer: NemotronHBlock, x: torch.Tensor, embedding: torch.Tensor | None, mixer: MixerFn
     ) -> torch.Tensor:
         """Apply one denoiser layer around ``mixer``, time-modulated when ``embedding`` (B, 3, H) is given."""
+        h, gate = self.denoiser_norm(layer, x, embedding)
+        return x + mixer(h) if gate is None else x + gate * mixer(h)
+
+    def denoiser_norm(
+        self, layer: NemotronHBlock, x: torch.Tensor, embedding: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return a denoiser layer's mixer input and its residual gate (``None`` without time conditioning)."""
         if embedding is None:
-            return x + mixer(layer.norm(x))
+            return layer.norm(x), None
         shift, scale, gate = layer_modulation(self.scale_shift_tables, embedding, layer.layer_idx)
         if layer.block_type in (MAMBA, ATTENTION):
-            h = layer.norm(x * (1 + scale) + shift)
-        else:
-            h = layer.norm(x) * (1 + scale) + shift
-        return x + gate * mixer(h)
+            return layer.norm(x * (1 + scale) + shift), gate
+        return layer.norm(x) * (1 + scale) + shift, gate
 
     def time_embedding(self, t: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         if t is None:
@@ -207,17 +212,41 @@ class TwoTowerForCausalLM(nn.Module):
         elif context.block_size != block:
             raise ValueError(f"block of {block} tokens does not match the prepared context's block_size={context.block_size}")
 
-        embedding = self.time_embedding(t, batch)
-        x = self.denoiser_tower.embeddings(block_ids.to(self.denoiser_device))
+        return self._denoiser_forward(block_ids.to(self.denoiser_device), context, self.time_embedding(t, batch))
+
+    def _denoiser_forward(
+        self, block_ids: torch.Tensor, context: "DenoiserContext", embedding: torch.Tensor | None
+    ) -> torch.Tensor:
+        # The part of a denoiser pass that compile_steps() hands to torch.compile. It calls the mixers
+        # directly rather than through denoiser_layer, because closures break torch.compile's graphs.
+        x = self.denoiser_tower.embeddings(block_ids)
         for i, layer in enumerate(self.denoiser_tower.layers):
+            h, gate = self.denoiser_norm(layer, x, embedding)
             if layer.block_type == MAMBA:
-                mixer = lambda h, layer=layer, seed=context.seeds[i]: layer.mixer(h, seed, return_state=False).hidden  # noqa: E731
+                out = layer.mixer(h, context.seeds[i], return_state=False).hidden
             elif layer.block_type == ATTENTION:
-                mixer = lambda h, layer=layer, i=i: context.attend(layer, i, h)  # noqa: E731
+                out = context.attend(layer, i, h)
             else:
-                mixer = layer.mixer
-            x = self.denoiser_layer(layer, x, embedding, mixer)
+                out = layer.mixer(h)
+            x = x + out if gate is None else x + gate * out
         return self.lm_head(self.denoiser_tower.norm_f(x)).float()
+
+    # ------------------------------------------------------------------ compilation
+
+    def compile_steps(self, **options: Any) -> "TwoTowerForCausalLM":
+        """Compile the denoiser pass and the context tower's forward with ``torch.compile``; return self.
+
+        Every mode then runs compiled code: AR decoding and context extension through the context
+        tower, mask diffusion and mock-AR through the denoiser pass as well. Shapes are compiled as
+        dynamic by default, so a longer context or another batch size does not trigger a new
+        compilation each time. ``options`` go to ``torch.compile`` (for example ``mode``). The first
+        calls compile, which takes seconds to minutes, so this pays only for long runs and servers.
+        Call it after moving the model to its devices.
+        """
+        options.setdefault("dynamic", True)
+        self.context_tower.compile(**options)
+        self._denoiser_forward = torch.compile(self._denoiser_forward, **options)
+        return self
 
     # ------------------------------------------------------------------ generation
 
