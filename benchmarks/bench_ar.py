@@ -46,6 +46,7 @@ from twotower.benchmarking import (
     parse_int_list,
     write_json,
 )
+from twotower.checkpoint import parse_dtype
 from twotower.config import NemotronHConfig
 from twotower.model import NemotronHForCausalLM
 
@@ -75,10 +76,36 @@ def config_30m() -> NemotronHConfig:
     )
 
 
-SIZES: dict[str, Callable[[], NemotronHConfig]] = {"tiny": NemotronHConfig.tiny, "30m": config_30m}
+def config_150m() -> NemotronHConfig:
+    """Return a 144.1M-parameter config: 12 layers of three types, hidden 768, 16 experts in 4 groups."""
+    return NemotronHConfig(
+        vocab_size=32768,
+        hidden_size=768,
+        hybrid_override_pattern="MEM*EMEM*EME",
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        mamba_num_heads=24,
+        mamba_head_dim=64,
+        ssm_state_size=64,
+        n_groups=4,
+        chunk_size=128,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=512,
+        moe_shared_expert_intermediate_size=1024,
+        n_group=4,
+        topk_group=2,
+        intermediate_size=2048,
+        max_position_embeddings=8192,
+    )
+
+
+SIZES: dict[str, Callable[[], NemotronHConfig]] = {"tiny": NemotronHConfig.tiny, "30m": config_30m, "150m": config_150m}
 
 COLUMNS = [
     ("model", "size", ""),
+    ("dtype", "dtype", ""),
     ("params (M)", "params_m", ".2f"),
     ("phase", "phase", ""),
     ("batch", "batch", "d"),
@@ -105,8 +132,11 @@ MEMORY_COLUMNS = [
 # ---------------------------------------------------------------------- models
 
 
-def build_pair(config: NemotronHConfig, directory: Path, seed: int):
-    """Build transformers' model, save it to ``directory`` and load the same weights with twotower."""
+def build_pair(config: NemotronHConfig, directory: Path, seed: int, dtype: torch.dtype = torch.float32):
+    """Build transformers' model, save it to ``directory`` and load the same weights with twotower.
+
+    Both models are then cast to ``dtype`` from the same fp32 weights.
+    """
     import transformers
 
     torch.manual_seed(seed)
@@ -119,8 +149,8 @@ def build_pair(config: NemotronHConfig, directory: Path, seed: int):
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
     reference.save_pretrained(directory)
-    ours = NemotronHForCausalLM.from_pretrained(directory)
-    return ours, reference
+    ours = NemotronHForCausalLM.from_pretrained(directory, dtype=dtype)
+    return ours, reference.to(dtype)
 
 
 def random_prompt(batch: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -178,7 +208,7 @@ def timed(function: Callable[[], object]) -> float:
 @torch.inference_mode()
 def measure_size(size: str, args: argparse.Namespace, directory: Path) -> list[dict]:
     config = SIZES[size]()
-    ours, reference = build_pair(config, directory, args.seed)
+    ours, reference = build_pair(config, directory, args.seed, parse_dtype(args.dtype))
     params_m = sum(p.numel() for p in ours.parameters()) / 1e6
     rows = []
     for batch in args.batches:
@@ -209,6 +239,7 @@ def measure_size(size: str, args: argparse.Namespace, directory: Path) -> list[d
             ours_s, reference_s = median(ours_runs), median(reference_runs)
             row = dict(
                 size=size,
+                dtype=args.dtype,
                 params_m=params_m,
                 phase=phase,
                 batch=batch,
@@ -304,7 +335,10 @@ def measure_load_memory(directory: Path, shard_size: str, seed: int) -> list[dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="tiny,30m", help="comma-separated model sizes: tiny, 30m (default: both)")
+    parser.add_argument("--sizes", default="tiny,30m",
+                        help="comma-separated model sizes: tiny, 30m, 150m (default: tiny,30m)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of both models' weights and activations (default: float32)")
     parser.add_argument("--batches", type=parse_int_list, default=[1, 4], help="comma-separated batch sizes (default: 1,4)")
     parser.add_argument("--prompt-length", type=int, default=512, help="prompt tokens per row (default: 512)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement (default: 64)")

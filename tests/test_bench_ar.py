@@ -46,14 +46,32 @@ def test_bench_ar_short_run(tmp_path):
     assert [row["greedy_token_agreement"] for row in rows if row["phase"] == "decode"] == [1.0, 1.0]
 
 
-def test_30m_config_size():
+@pytest.mark.parametrize("size, params", [("30m", 32_315_024), ("150m", 144_139_880)])
+def test_config_sizes(size, params):
     import torch
 
     from twotower.model import NemotronHForCausalLM
 
     with torch.device("meta"):
-        model = NemotronHForCausalLM(load_bench_ar().config_30m())
-    assert sum(p.numel() for p in model.parameters()) == 32_315_024
+        model = NemotronHForCausalLM(load_bench_ar().SIZES[size]())
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_bench_ar_bfloat16_run(tmp_path):
+    import torch
+
+    path = tmp_path / "ar.json"
+    threads = torch.get_num_threads()
+    try:
+        status = load_bench_ar().main([
+            "--sizes", "tiny", "--batches", "1", "--prompt-length", "8", "--new-tokens", "2", "--dtype", "bfloat16",
+            "--repeats", "1", "--warmup", "0", "--threads", "1", "--skip-memory", "--json", str(path),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    rows = json.loads(path.read_text())["throughput"]
+    assert {row["dtype"] for row in rows} == {"bfloat16"}
 
 
 def test_bench_ar_rejects_unknown_size():
