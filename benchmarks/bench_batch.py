@@ -19,13 +19,15 @@ import torch
 from twotower.benchmarking import (
     add_diffusion_arguments,
     add_model_arguments,
+    add_prompt_arguments,
+    benchmark_prompts,
     diffusion_mode_args,
     load_or_build_model,
     machine_info,
     median,
     parse_int_list,
     print_report,
-    random_prompts,
+    prompt_source,
     timed_generation,
     warm_up,
     write_report,
@@ -59,6 +61,7 @@ def prompt_lengths(batch: int, longest: int) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
+    add_prompt_arguments(parser)
     parser.add_argument("--batches", type=parse_int_list, default=[1, 4, 16],
                         help="batch sizes, comma-separated (default: 1,4,16)")
     parser.add_argument("--prompt-length", type=int, default=64,
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batches:
         lengths = prompt_lengths(batch, args.prompt_length)
-        input_ids, attention_mask = random_prompts(lengths, model.config.vocab_size, args.seed)
+        input_ids, attention_mask = benchmark_prompts(args, lengths, model.config.vocab_size)
         warm_up(model, ("diffusion",), input_ids, attention_mask, **diffusion_args)
         row = timed_generation(
             model, "diffusion", input_ids, attention_mask, args.new_tokens, args.repeats, **diffusion_args
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_batch_1"] = row["tokens_per_s"] / base if base else None
 
     machine = machine_info(args.device)
-    settings = (f"mask diffusion, block {args.block_size}, {args.steps} steps, threshold {args.threshold:g}, "
+    settings = (f"{prompt_source(args)}, mask diffusion, block {args.block_size}, {args.steps} steps, threshold {args.threshold:g}, "
                 f"{args.new_tokens} new tokens per row, greedy, no EOS; median of {args.repeats} runs")
     print_report(description, settings, machine, rows, COLUMNS)
     write_report(args, "batch", description, machine, rows=rows)

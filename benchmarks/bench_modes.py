@@ -19,10 +19,12 @@ import torch
 from twotower.benchmarking import (
     add_diffusion_arguments,
     add_model_arguments,
+    add_prompt_arguments,
+    benchmark_prompts,
     load_or_build_model,
     machine_info,
     print_report,
-    random_prompts,
+    prompt_source,
     timed_generation,
     warm_up,
     write_report,
@@ -58,6 +60,7 @@ def parse_thresholds(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
+    add_prompt_arguments(parser)
     parser.add_argument("--prompt-length", type=int, default=64, help="prompt tokens (default: 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default: 64)")
     add_diffusion_arguments(parser, threshold=False)
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     model, description = load_or_build_model(args)
-    input_ids, attention_mask = random_prompts([args.prompt_length], model.config.vocab_size, args.seed)
+    input_ids, attention_mask = benchmark_prompts(args, [args.prompt_length], model.config.vocab_size)
     diffusion_args = dict(block_size=args.block_size, steps_per_block=args.steps)
 
     warm_up(model, ("ar", "mock_ar", "diffusion"), input_ids, attention_mask, **diffusion_args)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_to_ar"] = row["tokens_per_s"] / ar_speed if ar_speed else None
 
     machine = machine_info(args.device)
-    settings = (f"prompt {args.prompt_length} tokens, {args.new_tokens} new tokens, batch 1, greedy, no EOS; "
+    settings = (f"{prompt_source(args)} of {args.prompt_length} tokens, {args.new_tokens} new tokens, batch 1, greedy, no EOS; "
                 f"diffusion block {args.block_size}, {args.steps} steps; median of {args.repeats} runs")
     print_report(description, settings, machine, rows, COLUMNS)
     write_report(args, "modes", description, machine, rows=rows)

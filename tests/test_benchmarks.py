@@ -6,11 +6,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from twotower import NemotronHConfig, TwoTowerForCausalLM
-from twotower.benchmarking import build_on_device, format_table, random_prompts
+from twotower.benchmarking import build_on_device, corpus_prompts, format_table, random_prompts
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SHORT_RUN = ["--size", "tiny", "--new-tokens", "8", "--block-size", "4", "--steps", "4"]
@@ -118,6 +119,31 @@ def test_random_prompts_left_padding():
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert bool((ids[mask.bool()] >= 4).all())
     assert random_prompts([4, 4], vocab_size=50)[1] is None
+
+
+def write_val_corpus(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.arange(100, 200, dtype="<u2").tofile(directory / "val.bin")
+    meta = {"vocab_size": 256, "dtype": "uint16", "tokens": {"val": 100}, "special_tokens": {}, "bos_id": 1,
+            "eos_id": 2, "pad_id": 0, "mask_id": 3, "tokenizer": "tokenizer.json"}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def test_corpus_prompts_cut_from_val(tmp_path):
+    ids, mask = corpus_prompts(write_val_corpus(tmp_path), [3, 5])
+    # Offsets are spread evenly over val.bin: 0 for the first row, the last full window for the second.
+    assert ids.tolist() == [[0, 0, 100, 101, 102], [195, 196, 197, 198, 199]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_bench_modes_reads_corpus_prompts(tmp_path, capsys):
+    corpus = write_val_corpus(tmp_path / "corpus")
+    status = load_script("bench_modes").main(
+        SHORT_RUN + ["--repeats", "1", "--prompt-length", "6", "--thresholds", "1.0", "--data-dir", str(corpus)]
+    )
+    assert status == 0
+    assert f"prompts from {corpus}/val.bin" in capsys.readouterr().out
 
 
 def test_format_table_marks_missing():

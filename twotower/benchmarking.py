@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twotower.checkpoint import parse_dtype
@@ -151,6 +152,45 @@ def random_prompts(
         ids[row, width - length :] = torch.randint(FIRST_ORDINARY_TOKEN, vocab_size, (length,), generator=generator)
         mask[row, width - length :] = 1
     return ids, (None if bool(mask.all()) else mask)
+
+
+def corpus_prompts(data_dir: str | Path, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-padded prompts cut from ``val.bin`` of a corpus folder at evenly spaced offsets, one row per length.
+
+    A trained model is as confident on random ids as on nothing it has seen, so its speed in mask
+    diffusion is only meaningful on text like its training data.
+    """
+    from twotower.data import TokenDataset, load_meta
+
+    meta = load_meta(data_dir)
+    val = TokenDataset(Path(data_dir) / meta.get("files", {}).get("val", "val.bin"))
+    width = max(lengths)
+    offsets = np.linspace(0, len(val) - width, len(lengths)).astype(np.int64)
+    ids = torch.full((len(lengths), width), int(meta["pad_id"]), dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, (length, offset) in enumerate(zip(lengths, offsets)):
+        ids[row, width - length :] = val.batch([offset], length)[0]
+        mask[row, width - length :] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def benchmark_prompts(args: argparse.Namespace, lengths: Sequence[int], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return prompts from ``--data-dir`` when it is given, else random ones (see ``add_prompt_arguments``)."""
+    if getattr(args, "data_dir", None) is not None:
+        return corpus_prompts(args.data_dir, lengths)
+    return random_prompts(lengths, vocab_size, args.seed)
+
+
+def prompt_source(args: argparse.Namespace) -> str:
+    """Describe where the prompts of ``benchmark_prompts`` come from, for the report."""
+    data_dir = getattr(args, "data_dir", None)
+    return f"prompts from {data_dir}/val.bin" if data_dir is not None else "random prompts"
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="corpus folder whose val.bin supplies the prompts, as built by scripts/build_corpus.py "
+                             "(default: random token ids, which only suit random weights)")
 
 
 # ---------------------------------------------------------------------- timing and memory

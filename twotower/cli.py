@@ -116,8 +116,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device of the denoiser tower, overriding --device for it")
     parser.add_argument("--compile", action="store_true",
                         help="compile the context tower and the denoiser pass with torch.compile; the first "
-                             "generation then takes seconds to minutes longer, so this pays off in servers and "
-                             "long runs (default: off)")
+                             "generation then takes minutes longer, and on a CPU the compiled model measured "
+                             "slower than the eager one (default: off)")
     parser.add_argument("--no-progress", action="store_true",
                         help="hide progress bars (they are shown only when stderr is a terminal)")
 
