@@ -139,3 +139,49 @@ def test_context_extended_once_per_block_with_committed_tokens():
     # Prompt, then every block but the last (nothing reads the context after it).
     assert [e.shape[1] for e in fake.extensions] == [4, 5, 5]
     assert torch.equal(torch.cat(fake.extensions[1:], dim=1)[0], out.new_tokens[0, :10])
+
+
+class RowContext:
+    """A fake prepared context that remembers which rows are confident, and follows row selection."""
+
+    def __init__(self, confident: torch.Tensor):
+        self.confident = confident
+
+    def select_rows(self, rows):
+        return RowContext(self.confident[rows])
+
+
+class RowDenoiser(ScriptedDenoiser):
+    """Sure of token 7 everywhere for prompts that start with token 4, and unsure for the others."""
+
+    def extend_context(self, ids, cache, attention_mask=None):
+        if cache.length == 0:
+            self.confident = ids[:, 0] == 4
+        super().extend_context(ids, cache, attention_mask)
+
+    def prepare_context(self, cache, block_size, context_length=None, mamba_states=None):
+        return RowContext(self.confident)
+
+    def denoise(self, block, context, t):
+        logits = torch.zeros(*block.shape, VOCAB)
+        logits[context.confident, :, 7] = 20.0
+        self.calls.append((block.clone(), t.clone(), logits.clone()))
+        return logits
+
+
+def test_finished_rows_leave_the_block():
+    fake = RowDenoiser()
+    ids = torch.tensor([[4, 5, 6], [9, 5, 6]])  # row 0 confident, row 1 unsure
+    trace = []
+    out = generate_mask_diffusion(
+        fake, ids, max_new_tokens=8, block_size=4, steps_per_block=4, mask_token_id=MASK,
+        confidence_threshold=0.9, return_dict_in_generate=True, on_step=trace.append,
+    )
+
+    # Row 0 commits its block in one pass; row 1 takes four, and runs alone after the first.
+    assert [call[0].shape[0] for call in fake.calls] == [2, 1, 1, 1] * 2
+    assert [event.rows for event in trace] == [[0, 1], [1], [1], [1]] * 2
+    assert out.stats.passes_per_block == [4, 4]
+    assert out.stats.row_passes == 10
+    assert out.new_tokens[0].tolist() == [7] * 8
+    assert not (out.new_tokens[1] == MASK).any()

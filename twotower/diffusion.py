@@ -91,7 +91,7 @@ class DenoiseStep:
 
     block_index: int
     step: int
-    rows: list[int]  # original batch rows of the active rows
+    rows: list[int]  # original batch rows that ran this pass (a row leaves once its block is complete)
     block: torch.Tensor  # (B_active, S) tokens after this step (mask id where still masked)
     committed_now: torch.Tensor  # (B_active, S) positions committed in this step
     confidence: torch.Tensor  # (B_active, S) confidence of each position's prediction
@@ -168,28 +168,42 @@ def _mask_diffusion_steps(
         masked = torch.ones(n_rows, size, dtype=torch.bool, device=den_device)
         context = model.prepare_context(cache, size)
 
+        # Rows whose block is already complete leave the passes of this block: their results could
+        # not change, and on a CPU every row costs compute. ``running`` indexes the rows of ``block``.
+        running = torch.arange(n_rows, device=den_device)
+        running_context = context
         passes = 0
         for step in range(steps_per_block):
             t0 = time.perf_counter()
-            t = masked.sum(-1).float() / size  # per-row masked fraction
+            run_block, run_masked = block[running], masked[running]
+            t = run_masked.sum(-1).float() / size  # per-row masked fraction
             with torch.inference_mode():
-                logits = model.denoise(block, context, t)
+                logits = model.denoise(run_block, running_context, t)
                 logits.index_fill_(-1, suppress, NEG_INF)  # the fresh logits may be changed in place
             passes += 1
-            stats.row_passes += n_rows
+            stats.row_passes += running.numel()
             t1 = time.perf_counter()
             stats.denoise_s += t1 - t0
 
             tokens, confidence = predict(logits, temperature, top_k, top_p, generator)
-            counts = commit_counts(confidence, masked, confidence_threshold, step, steps_per_block)
-            commit = select_commits(confidence, masked, counts)
-            block = torch.where(commit, tokens, block)
-            masked = masked & ~commit
+            counts = commit_counts(confidence, run_masked, confidence_threshold, step, steps_per_block)
+            commit = select_commits(confidence, run_masked, counts)
+            run_block = torch.where(commit, tokens, run_block)
+            run_masked = run_masked & ~commit
+            block[running] = run_block
+            masked[running] = run_masked
             stats.sampling_s += time.perf_counter() - t1
             if on_step is not None:
-                on_step(DenoiseStep(block_index, step, active.tolist(), block.clone(), commit, confidence))
-            if not bool(masked.any()):  # the one host sync per step the commit rule needs
+                on_step(DenoiseStep(block_index, step, active[running].tolist(), run_block.clone(), commit, confidence))
+
+            # The one host sync per step that the commit rule needs: how many rows still have masks.
+            unfinished = run_masked.any(-1)
+            still_running = int(unfinished.sum())
+            if still_running == 0:
                 break
+            if still_running < running.numel():
+                running = running[unfinished]
+                running_context = context.select_rows(running)
         stats.denoiser_passes += passes
         stats.passes_per_block.append(passes)
         stats.blocks += 1

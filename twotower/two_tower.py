@@ -372,6 +372,17 @@ class DenoiserContext:
     attn_mask: torch.Tensor | None  # (B, 1, 1, length + S) or None when no key is padding
     scratch: bool  # block K/V go to positions [length, length + S) of the buffers
 
+    def select_rows(self, rows: torch.Tensor) -> "DenoiserContext":
+        """Return the context of batch rows ``rows`` only: copies of their K/V, seeds and mask.
+
+        The copy never writes into the cache, so block K/V are concatenated on each pass instead.
+        """
+        keys = {i: k[rows, :, : self.length] for i, k in self.keys.items()}
+        values = {i: v[rows, :, : self.length] for i, v in self.values.items()}
+        seeds = {i: MambaState(s.conv[rows], s.ssm[rows]) for i, s in self.seeds.items()}
+        attn_mask = None if self.attn_mask is None else self.attn_mask[rows]
+        return DenoiserContext(self.length, self.block_size, keys, values, seeds, attn_mask, scratch=False)
+
     def attend(self, layer: NemotronHBlock, index: int, h: torch.Tensor) -> torch.Tensor:
         """Bidirectional attention of the block over [context K/V | block K/V] (no causal mask)."""
         q, k, v = layer.mixer.project(h)
