@@ -15,6 +15,7 @@ import time
 import httpx
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from twotower import cli
@@ -344,3 +345,20 @@ def test_delegated_command_help(capsys, command, option):
     out = capsys.readouterr().out
     assert option in out
     assert out.startswith(f"usage: twotower {command} ")
+
+
+def test_generate_threads_option(capsys, model_dir):
+    threads = torch.get_num_threads()
+    try:
+        status, _, err = run_cli(capsys, ["generate", PROMPT, "--model", str(model_dir), "--mode", "ar", "--threads", "1",
+                                          *FAST])
+        assert status == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)  # the option changes the whole test process
+
+
+def test_generate_threads_must_be_positive(capsys, model_dir):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", PROMPT, "--model", str(model_dir), "--threads", "0"])
+    assert "--threads" in capsys.readouterr().err

@@ -114,6 +114,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device of the context tower, overriding --device for it")
     parser.add_argument("--den-device", default=None,
                         help="device of the denoiser tower, overriding --device for it")
+    parser.add_argument("--threads", type=_integer(1), default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's choice, one per core); on a machine "
+                             "that other jobs keep busy, --threads 1 avoids threads waiting on each other")
     parser.add_argument("--compile", action="store_true",
                         help="compile the context tower and the denoiser pass with torch.compile; the first "
                              "generation then takes minutes longer, and on a CPU the compiled model measured "
@@ -143,7 +146,8 @@ def _add_generate_parser(commands) -> None:
                         help="diffusion: maximum denoiser passes per block")
     parser.add_argument("--threshold", type=_number(0.0, 1.0), default=None,
                         help="diffusion: confidence (probability, 0 to 1) above which a masked position "
-                             "is committed in the current pass")
+                             "is committed in the current pass; every pass also commits at least one position, "
+                             "and enough to finish the block within --steps-per-block passes")
     parser.add_argument("--temperature", type=_number(0.0), default=None,
                         help="sampling temperature; 0 selects the most likely token (greedy)")
     parser.add_argument("--top-k", type=_integer(0), default=None,
@@ -296,6 +300,10 @@ def load_pipeline_from_args(args: argparse.Namespace):
 
     for option, value in (("--device", args.device), ("--ctx-device", args.ctx_device), ("--den-device", args.den_device)):
         check_device(value, option)
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     path = resolve_model_dir(args.model)
     with tqdm(total=3, desc="loading", unit="stage", file=sys.stderr, disable=not _show_progress(args),
               leave=False) as bar:

@@ -196,7 +196,8 @@ def _mask_diffusion_steps(
             if on_step is not None:
                 on_step(DenoiseStep(block_index, step, active[running].tolist(), run_block.clone(), commit, confidence))
 
-            # The one host sync per step that the commit rule needs: how many rows still have masks.
+            # One host sync per step reads how many rows still have masks. Another one, only when a
+            # row finishes, builds the index of the rows that go on.
             unfinished = run_masked.any(-1)
             still_running = int(unfinished.sum())
             if still_running == 0:
