@@ -186,6 +186,27 @@ def test_prepared_context_paths_agree():
     assert (model.denoise(block, concatenated, t) - model.denoise(block, in_place, t)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("capacity", [11, 64])
+@torch.no_grad()
+def test_selected_rows_denoise_like_full_batch(capacity):
+    model = build()
+    ids, mask = left_pad([prompt(1, n, seed=n)[0] for n in (3, 9, 6)])
+    cache = model.new_cache(3, capacity=capacity)
+    model.extend_context(ids, cache, attention_mask=mask)
+    block = prompt(3, 8, seed=2)
+    t = torch.tensor([0.25, 0.5, 1.0])
+    context = model.prepare_context(cache, 8)
+    full = model.denoise(block, context, t)
+
+    rows = torch.tensor([0, 2])
+    selection = context.select_rows(rows)
+    selected = model.denoise(block[rows], selection, t[rows])
+    torch.testing.assert_close(selected, full[rows], rtol=1e-5, atol=1e-5)
+    # A second pass on the same selection overwrites the block slots of its K/V copies.
+    again = model.denoise(block[rows], selection, t[rows])
+    torch.testing.assert_close(again, selected, rtol=0, atol=0)
+
+
 @torch.no_grad()
 def test_timestep_is_per_row():
     model = build()

@@ -375,13 +375,23 @@ class DenoiserContext:
     def select_rows(self, rows: torch.Tensor) -> "DenoiserContext":
         """Return the context of batch rows ``rows`` only: copies of their K/V, seeds and mask.
 
-        The copy never writes into the cache, so block K/V are concatenated on each pass instead.
+        The K/V copies leave room for the block, so passes write block K/V there instead of
+        concatenating the whole context on every pass. The cache itself is not touched.
         """
-        keys = {i: k[rows, :, : self.length] for i, k in self.keys.items()}
-        values = {i: v[rows, :, : self.length] for i, v in self.values.items()}
+
+        def gather(buffers: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            copies = {}
+            for i, buffer in buffers.items():
+                copy = buffer.new_empty(rows.numel(), buffer.shape[1], self.length + self.block_size, buffer.shape[3])
+                copy[:, :, : self.length] = buffer[rows, :, : self.length]
+                copies[i] = copy
+            return copies
+
         seeds = {i: MambaState(s.conv[rows], s.ssm[rows]) for i, s in self.seeds.items()}
         attn_mask = None if self.attn_mask is None else self.attn_mask[rows]
-        return DenoiserContext(self.length, self.block_size, keys, values, seeds, attn_mask, scratch=False)
+        return DenoiserContext(
+            self.length, self.block_size, gather(self.keys), gather(self.values), seeds, attn_mask, scratch=True
+        )
 
     def attend(self, layer: NemotronHBlock, index: int, h: torch.Tensor) -> torch.Tensor:
         """Bidirectional attention of the block over [context K/V | block K/V] (no causal mask)."""
