@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -109,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("train_samples", "val_samples", "prompt_tokens", "new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        parser.error(f"--temperature must be 0 (greedy) or a positive finite number, got {args.temperature}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     return args

@@ -76,7 +76,7 @@ def test_samples_are_prompt_then_greedy_continuation(tmp_path, model_dir, source
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.parametrize("option, value", [("--train-samples", "0"), ("--new-tokens", "-1"), ("--temperature", "-0.5")])
+@pytest.mark.parametrize("option, value", [("--train-samples", "0"), ("--new-tokens", "-1"), ("--temperature", "-0.5"), ("--temperature", "nan"), ("--temperature", "inf")])
 def test_bad_arguments_are_rejected(option, value, capsys):
     with pytest.raises(SystemExit):
         dc.parse_args([option, value])
