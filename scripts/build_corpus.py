@@ -563,14 +563,28 @@ def train_tokenizer(
 
 def check_special_tokens(tokenizer: Tokenizer) -> None:
     """Raise ValueError unless the special tokens have ids 0..3 in SPECIAL_TOKENS order."""
+    expected = ", ".join(f"{name}={i}" for i, name in enumerate(SPECIAL_TOKENS))
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         actual_id = tokenizer.token_to_id(token)
+        if actual_id is None:
+            raise ValueError(f"tokenizer has no {token!r} token; the corpus format needs {expected}")
         if actual_id != expected_id:
-            raise ValueError(
-                f"tokenizer maps {token!r} to id {actual_id}; the corpus format needs "
-                f"{', '.join(f'{name}={i}' for i, name in enumerate(SPECIAL_TOKENS))}"
-            )
+            raise ValueError(f"tokenizer maps {token!r} to id {actual_id}; the corpus format needs {expected}")
     check_vocab_size(tokenizer.get_vocab_size())
+
+
+def load_given_tokenizer(path: Path) -> Tokenizer:
+    """Load the tokenizer of ``--tokenizer`` and check it; exit with one line naming the option when unusable."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises its own Exception subclass
+        raise SystemExit(f"--tokenizer {path} could not be read: {error}") from None
+    try:
+        check_special_tokens(tokenizer)
+        check_round_trip(tokenizer, [ROUND_TRIP_PROBE])
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"--tokenizer {path} is unusable: {error}") from None
+    return tokenizer
 
 
 def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -911,11 +925,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(
             f"unknown source(s) {', '.join(unknown)}; choose from {', '.join(SOURCE_NAMES)}"
         )
-    try:
-        check_vocab_size(args.vocab_size)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.tokenizer is not None and not args.tokenizer.is_file():
+    if args.tokenizer is None:
+        try:
+            check_vocab_size(args.vocab_size)
+        except ValueError as error:
+            parser.error(f"--vocab-size: {error}")
+    elif not args.tokenizer.is_file():
         parser.error(f"--tokenizer {args.tokenizer} is not a file")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
@@ -1027,6 +1042,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
 
+    tokenizer = None
+    if args.tokenizer is not None:
+        tokenizer = load_given_tokenizer(args.tokenizer)
+        args.vocab_size = tokenizer.get_vocab_size()
+
     records, documents = collect_sources(args)
     documents = clean_documents(records, documents, args)
     train_docs, val_docs = split_documents(documents, args.val_fraction, args.seed)
@@ -1062,13 +1082,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_doc_chars": args.min_doc_chars,
         "sources": args.sources,
     }
-    tokenizer = None
     if args.tokenizer is not None:
         settings["tokenizer_sha256"] = hashlib.sha256(args.tokenizer.read_bytes()).hexdigest()
-        try:
-            tokenizer = Tokenizer.from_file(str(args.tokenizer))
-        except Exception as error:  # tokenizers raises its own Exception subclass
-            raise SystemExit(f"--tokenizer {args.tokenizer} could not be read: {error}") from error
     fingerprint = corpus_fingerprint(documents, settings)
     if not args.force and outputs_are_current(args.out, fingerprint):
         LOGGER.info(
@@ -1076,6 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
+    # meta.json marks a finished build, so it goes before any output changes: a rebuild that stops
+    # half-way then leaves no meta.json, and the next run rebuilds instead of trusting mixed files.
+    (args.out / "meta.json").unlink(missing_ok=True)
     meta = build_outputs(
         train_docs,
         val_docs,

@@ -11,7 +11,7 @@ distillation). A greedy continuation is a fixed function of its prompt, so the d
 confident about several positions of a block at once, which is what lets mask diffusion commit more
 than one token per pass. The prompts keep real text in every training window.
 
-Prompts are cut at seeded random offsets of ``train.bin`` and ``val.bin``; each split of the output
+Prompts are cut at seeded random offsets of ``train.bin`` and ``val.bin``. Each split of the output
 is generated only from the same split of the source. ``meta.json`` is written last and records the
 command, the model and the sampling settings.
 """
@@ -51,11 +51,16 @@ def generate_split(
     temperature: float,
     generator: torch.Generator,
     show_progress: bool = True,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """Return the packed samples of one split: ``<s> prompt continuation </s>`` for each prompt.
 
-    A continuation ends early at the first EOS the model writes; nothing after it is kept.
+    A continuation ends early at the first EOS the model writes; nothing after it is kept. With
+    ``vocab_size``, ids from it up to the model's vocabulary (padding rows) are never generated.
     """
+    suppress = None
+    if vocab_size is not None and vocab_size < model.config.vocab_size:
+        suppress = list(range(vocab_size, model.config.vocab_size))
     offsets = source.sample_offsets(samples, prompt_tokens, generator=generator)
     pieces: list[np.ndarray] = []
     bar = tqdm(total=samples, desc="samples", unit="sample", disable=not show_progress)
@@ -69,6 +74,7 @@ def generate_split(
             eos_token_id=eos_id,
             pad_token_id=eos_id,
             generator=generator,
+            suppress_token_ids=suppress,
             return_dict_in_generate=True,
         )
         for prompt, continuation in zip(prompts.tolist(), output.new_token_lists()):
@@ -78,6 +84,47 @@ def generate_split(
         bar.update(prompts.shape[0])
     bar.close()
     return np.concatenate(pieces)
+
+
+def check_inputs(
+    args: argparse.Namespace, source_dir: Path, out_dir: Path
+) -> tuple[dict, dict[str, TokenDataset], TwoTowerForCausalLM]:
+    """Check the folders, the model and the corpus before anything is written; return what they hold.
+
+    Raises ValueError (or the loaders' OSError) with a message that names the option at fault.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; expected a folder, which is created when missing")
+    if out_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the --data-dir folder; writing there would overwrite the source corpus")
+
+    meta = load_meta(source_dir)
+    sources = {}
+    for split in ("train", "val"):
+        sources[split] = TokenDataset(source_dir / meta.get("files", {}).get(split, f"{split}.bin"))
+        if len(sources[split]) < args.prompt_tokens:
+            raise ValueError(
+                f"--prompt-tokens {args.prompt_tokens} is longer than {sources[split].path} "
+                f"({len(sources[split])} tokens)"
+            )
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise ValueError(f"--model {model_dir} is not a folder; expected a two-tower model folder")
+    model_tokenizer = model_dir / "tokenizer.json"
+    corpus_tokenizer = source_dir / meta["tokenizer"]
+    if model_tokenizer.is_file() and model_tokenizer.read_bytes() != corpus_tokenizer.read_bytes():
+        raise ValueError(
+            f"--model {model_dir} has another tokenizer than the corpus in --data-dir {source_dir}, so its "
+            f"token ids mean other text; build the corpus with --tokenizer {model_tokenizer}"
+        )
+    model = TwoTowerForCausalLM.from_pretrained(model_dir, device=args.device, dtype=torch.float32)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise ValueError(
+            f"--model {args.model} has {model.config.vocab_size} token ids, fewer than the "
+            f"{meta['vocab_size']} of the corpus in --data-dir {args.data_dir}"
+        )
+    return meta, sources, model
 
 
 def write_tokens(path: Path, tokens: np.ndarray) -> None:
@@ -125,13 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     source_dir, out_dir = Path(args.data_dir), Path(args.out)
-    meta = load_meta(source_dir)
-    model = TwoTowerForCausalLM.from_pretrained(args.model, device=args.device, dtype=torch.float32)
-    if model.config.vocab_size < meta["vocab_size"]:
-        raise SystemExit(
-            f"--model {args.model} has {model.config.vocab_size} token ids, fewer than the "
-            f"{meta['vocab_size']} of the corpus in --data-dir {args.data_dir}"
-        )
+    try:
+        meta, sources, model = check_inputs(args, source_dir, out_dir)
+    except (OSError, ValueError, RuntimeError, AssertionError) as error:
+        # User mistakes (paths, files, devices) end with one line instead of a traceback.
+        raise SystemExit(f"distill_corpus: {error}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
 
@@ -139,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     token_counts = {}
     started = time.perf_counter()
     for split, samples in (("train", args.train_samples), ("val", args.val_samples)):
-        source = TokenDataset(source_dir / meta.get("files", {}).get(split, f"{split}.bin"))
         with torch.inference_mode():
             tokens = generate_split(
-                model, source, samples, args.prompt_tokens, args.new_tokens, args.batch_size,
+                model, sources[split], samples, args.prompt_tokens, args.new_tokens, args.batch_size,
                 meta["bos_id"], meta["eos_id"], args.temperature, generator, not args.no_progress,
+                vocab_size=meta["vocab_size"],
             )
         write_tokens(out_dir / f"{split}.bin", tokens)
         token_counts[split] = int(tokens.size)

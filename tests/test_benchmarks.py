@@ -149,3 +149,12 @@ def test_bench_modes_reads_corpus_prompts(tmp_path, capsys):
 def test_format_table_marks_missing():
     table = format_table([{"a": 1.234, "b": None}], [("A", "a", ".1f"), ("B", "b", "")])
     assert table.splitlines()[-1] == "| 1.2 | - |"
+
+
+def test_corpus_larger_than_model_vocabulary_is_rejected(tmp_path):
+    corpus = write_val_corpus(tmp_path / "corpus")
+    meta = json.loads((corpus / "meta.json").read_text())
+    meta["vocab_size"] = 4096
+    (corpus / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="--data-dir .*4096 token ids"):
+        load_script("bench_modes").main(SHORT_RUN + ["--repeats", "1", "--thresholds", "1.0", "--data-dir", str(corpus)])

@@ -397,3 +397,25 @@ def test_given_tokenizer_needs_special_ids():
         bc.check_special_tokens(wrong)
     with pytest.raises(SystemExit):
         bc.parse_args(["--tokenizer", "no/such/tokenizer.json"])
+
+
+def test_given_tokenizer_errors_name_the_option(tmp_path):
+    no_mask = Tokenizer(models.BPE())
+    no_mask.add_special_tokens(["<pad>", "<s>", "</s>"])
+    path = tmp_path / "no_mask.json"
+    no_mask.save(str(path))
+    with pytest.raises(SystemExit, match=r"--tokenizer .*no_mask.json is unusable: tokenizer has no '<mask>' token"):
+        bc.load_given_tokenizer(path)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match="could not be read"):
+        bc.load_given_tokenizer(broken)
+
+
+def test_vocab_size_is_not_checked_with_given_tokenizer(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{}")
+    assert bc.parse_args(["--tokenizer", str(path), "--vocab-size", "100"]).tokenizer == path
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--vocab-size", "100"])

@@ -81,3 +81,33 @@ def test_bad_arguments_are_rejected(option, value, capsys):
     with pytest.raises(SystemExit):
         dc.parse_args([option, value])
     assert option in capsys.readouterr().err
+
+
+def test_out_equal_to_data_dir_is_rejected(tmp_path, model_dir, source):
+    before = (source / "train.bin").read_bytes()
+    with pytest.raises(SystemExit, match="overwrite the source corpus"):
+        dc.main(["--model", str(model_dir), "--data-dir", str(source), "--out", str(source), "--no-progress"])
+    assert (source / "train.bin").read_bytes() == before
+    assert (source / "meta.json").is_file()
+
+
+def test_other_tokenizer_is_rejected(tmp_path, model_dir, source):
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"<mask>"', '"<masked>"'))
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        dc.main(["--model", str(model_dir), "--data-dir", str(other), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_is_one_line(tmp_path, source):
+    with pytest.raises(SystemExit, match="--model .* is not a folder"):
+        dc.main(["--model", str(tmp_path / "none"), "--data-dir", str(source), "--out", str(tmp_path / "out")])
+
+
+def test_padded_vocabulary_ids_are_not_generated(tmp_path, model_dir, source):
+    # The tiny model has 320 token ids and its tokenizer 300: ids 300..319 must never be written.
+    out = tmp_path / "distilled"
+    dc.main(["--model", str(model_dir), "--data-dir", str(source), "--out", str(out), "--train-samples", "6",
+             "--val-samples", "2", "--prompt-tokens", "4", "--new-tokens", "24", "--batch-size", "3", "--no-progress"])
+    assert int(TokenDataset(out / "train.bin").tokens.max()) < 300

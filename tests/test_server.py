@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -585,3 +586,17 @@ class _QueuedRequest:
             return self._future.result(timeout=120)
         finally:
             self._pool.shutdown()
+
+
+def test_client_gone_mid_body_logs_one_line(body_limit_server, caplog):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 500\r\n\r\n")
+    with caplog.at_level(logging.WARNING):
+        with socket.create_connection(("127.0.0.1", body_limit_server.port), timeout=10) as sock:
+            sock.sendall(head + b'{"prompt": "')
+        deadline = time.monotonic() + 10
+        while not any("client disconnected" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the server logged no line for the disconnected client"
+            time.sleep(0.05)
+    assert not any("Exception in ASGI application" in r.getMessage() for r in caplog.records)
+    assert httpx.get(body_limit_server.base_url + "/health", timeout=10).status_code == 200

@@ -176,9 +176,22 @@ def corpus_prompts(data_dir: str | Path, lengths: Sequence[int]) -> tuple[torch.
 
 def benchmark_prompts(args: argparse.Namespace, lengths: Sequence[int], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return prompts from ``--data-dir`` when it is given, else random ones (see ``add_prompt_arguments``)."""
-    if getattr(args, "data_dir", None) is not None:
+    if getattr(args, "data_dir", None) is None:
+        return random_prompts(lengths, vocab_size, args.seed)
+
+    # Mistakes in --data-dir end the script with one line instead of a traceback.
+    from twotower.data import load_meta
+
+    try:
+        corpus_vocab = load_meta(args.data_dir)["vocab_size"]
+        if corpus_vocab > vocab_size:
+            raise ValueError(
+                f"the corpus has {corpus_vocab} token ids and the model {vocab_size}: the prompts must come "
+                "from the model's own tokenizer (random --size models do not match any corpus)"
+            )
         return corpus_prompts(args.data_dir, lengths)
-    return random_prompts(lengths, vocab_size, args.seed)
+    except (OSError, ValueError, IndexError) as error:
+        raise SystemExit(f"--data-dir {args.data_dir}: {error}") from None
 
 
 def prompt_source(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from twotower.api_requests import (
     APIError,
@@ -227,11 +228,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _body_too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client will not read this error, but the handler logs it as one line instead of a traceback.
+        raise APIError(400, f"the client disconnected after {size} bytes of the request body",
+                       code="client_disconnected") from None
     return b"".join(chunks)
 
 
