@@ -358,7 +358,8 @@ def test_generate_threads_option(capsys, model_dir):
         torch.set_num_threads(threads)  # the option changes the whole test process
 
 
-def test_generate_threads_must_be_positive(capsys, model_dir):
+@pytest.mark.parametrize("value", ["0", "100000000000"])
+def test_generate_threads_out_of_range(capsys, model_dir, value):
     with pytest.raises(SystemExit):
-        cli.main(["generate", PROMPT, "--model", str(model_dir), "--threads", "0"])
+        cli.main(["generate", PROMPT, "--model", str(model_dir), "--threads", value])
     assert "--threads" in capsys.readouterr().err

@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------- argument types
 
 
-def _integer(minimum: int):
+def _integer(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -50,6 +50,8 @@ def _integer(minimum: int):
             raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer in [{minimum}, {maximum}]")
         return value
 
     return parse
@@ -114,7 +116,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device of the context tower, overriding --device for it")
     parser.add_argument("--den-device", default=None,
                         help="device of the denoiser tower, overriding --device for it")
-    parser.add_argument("--threads", type=_integer(1), default=None,
+    # torch.set_num_threads takes a C int, so larger values overflow inside PyTorch.
+    parser.add_argument("--threads", type=_integer(1, 2**31 - 1), default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice, one per core); on a machine "
                              "that other jobs keep busy, --threads 1 avoids threads waiting on each other")
     parser.add_argument("--compile", action="store_true",
