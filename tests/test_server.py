@@ -23,6 +23,7 @@ MODEL = "tiny"
 # The conftest model's generation_config.json sets blocks of 4 positions and 4 steps per block.
 SMALL = {"max_tokens": 8}
 BODY_LIMIT = 1024  # max_body_bytes of the body_limit_server fixture
+BODY_TIMEOUT = 2.0  # body_timeout_s of the same fixture
 
 
 class RunningServer:
@@ -79,7 +80,7 @@ def chat_server(chat_model_dir):
 def body_limit_server(model_dir):
     # A small body limit, so bodies just over it are quick to send.
     limits = ServerLimits(max_queue=4, max_batch_rows=4, max_prompt_tokens=64, max_tokens=1024,
-                          max_body_bytes=BODY_LIMIT)
+                          max_body_bytes=BODY_LIMIT, body_timeout_s=BODY_TIMEOUT)
     running = RunningServer(create_app(load_pipeline(model_dir), MODEL, limits))
     yield running
     running.stop()
@@ -437,9 +438,11 @@ def test_max_body_bytes_option_reaches_server(model_dir, monkeypatch):
 
     served = {}
     monkeypatch.setattr(server_module, "serve", lambda pipeline, **kwargs: served.update(kwargs))
-    status = cli.main(["serve", "--model", str(model_dir), "--max-body-bytes", "2048", "--log-level", "warning"])
+    status = cli.main(["serve", "--model", str(model_dir), "--max-body-bytes", "2048", "--body-timeout", "7.5",
+                       "--log-level", "warning"])
     assert status == 0
     assert served["limits"].max_body_bytes == 2048
+    assert served["limits"].body_timeout_s == 7.5
 
 
 # ---------------------------------------------------------------------- chat
@@ -600,3 +603,19 @@ def test_client_gone_mid_body_logs_one_line(body_limit_server, caplog):
             time.sleep(0.05)
     assert not any("Exception in ASGI application" in r.getMessage() for r in caplog.records)
     assert httpx.get(body_limit_server.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_stalled_body_408(body_limit_server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 500\r\n")
+    started = time.monotonic()
+    status, body = send_unfinished(body_limit_server, head, b'{"prompt": "')
+    assert status == 408
+    assert body["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started < BODY_TIMEOUT + 5
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), True])
+def test_body_timeout_invalid(value):
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        ServerLimits(body_timeout_s=value)

@@ -28,11 +28,15 @@ class ServerLimits:
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     max_request_rows: int = 64  # prompts times n in one request
     max_body_bytes: int = 4 * 1024 * 1024  # bytes of one request body; larger bodies get 413
+    body_timeout_s: float = 30.0  # seconds to receive a whole request body; slower clients get 408
 
     def __post_init__(self) -> None:
         value = self.max_body_bytes
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"max_body_bytes={value!r} is invalid: expected an integer >= 1")
+        timeout = self.body_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"body_timeout_s={timeout!r} is invalid: expected a positive finite number of seconds")
 
 
 class APIError(Exception):

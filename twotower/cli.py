@@ -191,6 +191,9 @@ def _add_serve_parser(commands) -> None:
     parser.add_argument("--max-body-bytes", type=_integer(1), default=4 * 1024 * 1024,
                         help="maximum size of a request body in bytes; larger requests get 413 "
                              "(default: 4194304, which is 4 MiB)")
+    parser.add_argument("--body-timeout", type=_number(0.0, open_minimum=True), default=30.0,
+                        help="seconds a client may take to send a request body; slower requests get 408 "
+                             "(default: 30)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="logging level (default: info)")
     parser.set_defaults(handler=run_serve)
@@ -527,7 +530,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or resolve_model_dir(args.model).name
     limits = server.ServerLimits(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
                                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
-                                 max_body_bytes=args.max_body_bytes)
+                                 max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     server.serve(pipeline, host=args.host, port=args.port, model_name=name, limits=limits, log_level=args.log_level)
     return 0
 

@@ -6,8 +6,9 @@ match, up to ``max_batch_rows`` prompts; a sampled request (temperature > 0) run
 seed gives the same tokens whatever else is queued. Only one generation runs at a time, so no two
 generations ever share a cache. A client that disconnects sets its request's cancel flag. The
 generation loop checks the flags after every chunk and every denoiser pass and stops once every
-request in the batch is cancelled. Request bodies are decoded and tokenized on a worker thread, and
-a body larger than ``max_body_bytes`` gets 413 before it is read in full.
+request in the batch is cancelled. Request bodies are decoded and tokenized on a worker thread. A
+body larger than ``max_body_bytes`` gets 413 before it is read in full, and one that takes longer
+than ``body_timeout_s`` to arrive gets 408.
 
 Streaming responses are server-sent events with one chunk per committed block in diffusion mode
 and per token in the AR modes, ending with ``data: [DONE]``.
@@ -461,7 +462,13 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
         the event loop they would stall every other client. The prompt-length check runs after
         tokenization, inside ``parse``.
         """
-        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            # A client that stops sending would otherwise hold its connection open for good.
+            raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                                "(body_timeout_s); send the whole body at once", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         # The pipeline tokenizes with encode_batch, which releases the GIL, so this thread runs beside the loop.
         return await asyncio.to_thread(parse_body, body, parse)
 
