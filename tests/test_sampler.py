@@ -14,6 +14,13 @@ VOCAB = 32
 MASK = 3
 
 
+def gather_positions(logits: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Return the logits (B, S, V) at ``positions`` (B, K), as the real denoiser's head does."""
+    if positions is None:
+        return logits
+    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+
 class FakeCache:
     def __init__(self, batch):
         self.length = 0
@@ -45,11 +52,11 @@ class ScriptedDenoiser:
     def prepare_context(self, cache, block_size, context_length=None, mamba_states=None):
         return cache
 
-    def denoise(self, block, context, t):
+    def denoise(self, block, context, t, positions=None):
         logits = torch.randn(*block.shape, VOCAB, generator=self.generator) * self.sharpness
         logits[..., MASK] = 50.0  # must be ignored by the sampler
         self.calls.append((block.clone(), t.clone(), logits.clone()))
-        return logits
+        return gather_positions(logits, positions)
 
 
 def expected_count(confidences: list[float], threshold: float, step: int, steps: int) -> int:
@@ -154,6 +161,10 @@ class RowContext:
 class RowDenoiser(ScriptedDenoiser):
     """Sure of token 7 everywhere for prompts that start with token 4, and unsure for the others."""
 
+    def __init__(self):
+        super().__init__()
+        self.positions = []  # the positions argument of each call
+
     def extend_context(self, ids, cache, attention_mask=None):
         if cache.length == 0:
             self.confident = ids[:, 0] == 4
@@ -162,11 +173,12 @@ class RowDenoiser(ScriptedDenoiser):
     def prepare_context(self, cache, block_size, context_length=None, mamba_states=None):
         return RowContext(self.confident)
 
-    def denoise(self, block, context, t):
+    def denoise(self, block, context, t, positions=None):
         logits = torch.zeros(*block.shape, VOCAB)
         logits[context.confident, :, 7] = 20.0
         self.calls.append((block.clone(), t.clone(), logits.clone()))
-        return logits
+        self.positions.append(None if positions is None else positions.clone())
+        return gather_positions(logits, positions)
 
 
 def test_finished_rows_leave_the_block():
@@ -185,3 +197,18 @@ def test_finished_rows_leave_the_block():
     assert out.stats.row_passes == 10
     assert out.new_tokens[0].tolist() == [7] * 8
     assert not (out.new_tokens[1] == MASK).any()
+
+
+def test_head_reads_only_masked_positions():
+    fake = RowDenoiser()
+    generate_mask_diffusion(
+        fake, torch.tensor([[9, 5, 6]]), max_new_tokens=4, block_size=4, steps_per_block=4, mask_token_id=MASK,
+        confidence_threshold=0.9,
+    )
+
+    # The unsure row commits one position per pass, so the head reads 4, then 3, 2 and 1 positions.
+    assert fake.positions[0] is None
+    for call, positions in zip(fake.calls[1:], fake.positions[1:]):
+        masked = (call[0] == MASK).nonzero()[:, 1]
+        assert sorted(positions[0].tolist()) == masked.tolist()
+    assert [p.shape[1] for p in fake.positions[1:]] == [3, 2, 1]

@@ -208,6 +208,21 @@ def test_selected_rows_denoise_like_full_batch(capacity):
 
 
 @torch.no_grad()
+def test_head_positions_match_full_logits():
+    model = build()
+    cache = model.new_cache(2, capacity=32)
+    model.extend_context(prompt(), cache)
+    block = prompt(2, 8, seed=3)
+    t = torch.tensor([0.5, 0.75])
+    context = model.prepare_context(cache, 8)
+    full = model.denoise(block, context, t)
+    positions = torch.tensor([[1, 4, 6], [7, 0, 2]])
+    picked = model.denoise(block, context, t, positions=positions)
+    assert picked.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(picked, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1])))
+
+
+@torch.no_grad()
 def test_timestep_is_per_row():
     model = build()
     cache = model.new_cache(2)

@@ -94,7 +94,7 @@ class DenoiseStep:
     rows: list[int]  # original batch rows that ran this pass (a row leaves once its block is complete)
     block: torch.Tensor  # (B_active, S) tokens after this step (mask id where still masked)
     committed_now: torch.Tensor  # (B_active, S) positions committed in this step
-    confidence: torch.Tensor  # (B_active, S) confidence of each position's prediction
+    confidence: torch.Tensor  # (B_active, S) confidence of each masked position's prediction (committed ones may hold 0)
 
 
 # ---------------------------------------------------------------------- shared setup
@@ -172,13 +172,19 @@ def _mask_diffusion_steps(
         # not change, and on a CPU every row costs compute. ``running`` indexes the rows of ``block``.
         running = torch.arange(n_rows, device=den_device)
         running_context = context
+        # The head reads only the first ``heads`` positions of each row after sorting masked ones
+        # first: as many as the most masked row still has, so every masked position is among them.
+        heads = size
         passes = 0
         for step in range(steps_per_block):
             t0 = time.perf_counter()
             run_block, run_masked = block[running], masked[running]
             t = run_masked.sum(-1).float() / size  # per-row masked fraction
+            positions = None
+            if heads < size:
+                positions = torch.argsort((~run_masked).to(torch.int8), dim=-1, stable=True)[:, :heads]
             with torch.inference_mode():
-                logits = model.denoise(run_block, running_context, t)
+                logits = model.denoise(run_block, running_context, t, positions=positions)
                 logits.index_fill_(-1, suppress, NEG_INF)  # the fresh logits may be changed in place
             passes += 1
             stats.row_passes += running.numel()
@@ -186,6 +192,10 @@ def _mask_diffusion_steps(
             stats.denoise_s += t1 - t0
 
             tokens, confidence = predict(logits, temperature, top_k, top_p, generator)
+            if positions is not None:
+                # Back to block positions; committed positions keep their token and get confidence 0.
+                tokens = run_block.scatter(1, positions, tokens)
+                confidence = confidence.new_zeros(run_block.shape).scatter(1, positions, confidence)
             counts = commit_counts(confidence, run_masked, confidence_threshold, step, steps_per_block)
             commit = select_commits(confidence, run_masked, counts)
             run_block = torch.where(commit, tokens, run_block)
@@ -196,10 +206,10 @@ def _mask_diffusion_steps(
             if on_step is not None:
                 on_step(DenoiseStep(block_index, step, active[running].tolist(), run_block.clone(), commit, confidence))
 
-            # One host sync per step reads how many rows still have masks. Another one, only when a
-            # row finishes, builds the index of the rows that go on.
+            # One host sync per step reads how many rows still have masks and the most masks left in
+            # a row. Another one, only when a row finishes, builds the index of the rows that go on.
             unfinished = run_masked.any(-1)
-            still_running = int(unfinished.sum())
+            still_running, heads = torch.stack([unfinished.sum(), run_masked.sum(-1).max()]).tolist()
             if still_running == 0:
                 break
             if still_running < running.numel():

@@ -197,6 +197,7 @@ class TwoTowerForCausalLM(nn.Module):
         t: torch.Tensor | float | None,
         context_length: int | None = None,
         mamba_states: dict[int, MambaState] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the denoiser over ``block_ids`` (B, S) against ``context``; return fp32 logits (B, S, V).
 
@@ -204,7 +205,9 @@ class TwoTowerForCausalLM(nn.Module):
         ``context`` is a cache, or a ``DenoiserContext`` from ``prepare_context`` (reused across the
         passes of one block). ``context_length`` limits the context K/V used (default: all of it)
         and ``mamba_states`` replaces the context's current Mamba states (mock-AR reads the states
-        one token back). The context itself is never modified.
+        one token back). ``positions`` (B, K) limits the head to those block positions of each row
+        and the logits to (B, K, V): the sampler needs no logits at committed positions, and the
+        head is a large share of a pass. The context itself is never modified.
         """
         batch, block = block_ids.shape
         if isinstance(context, HybridCache):
@@ -212,10 +215,16 @@ class TwoTowerForCausalLM(nn.Module):
         elif context.block_size != block:
             raise ValueError(f"block of {block} tokens does not match the prepared context's block_size={context.block_size}")
 
-        return self._denoiser_forward(block_ids.to(self.denoiser_device), context, self.time_embedding(t, batch))
+        return self._denoiser_forward(
+            block_ids.to(self.denoiser_device), context, self.time_embedding(t, batch), positions
+        )
 
     def _denoiser_forward(
-        self, block_ids: torch.Tensor, context: "DenoiserContext", embedding: torch.Tensor | None
+        self,
+        block_ids: torch.Tensor,
+        context: "DenoiserContext",
+        embedding: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The part of a denoiser pass that compile_steps() hands to torch.compile. It calls the mixers
         # directly rather than through denoiser_layer, because closures break torch.compile's graphs.
@@ -229,6 +238,8 @@ class TwoTowerForCausalLM(nn.Module):
             else:
                 out = layer.mixer(h)
             x = x + out if gate is None else x + gate * out
+        if positions is not None:
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(self.denoiser_tower.norm_f(x)).float()
 
     # ------------------------------------------------------------------ compilation
