@@ -48,6 +48,8 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from twotower.data import write_token_file
+
 LOGGER = logging.getLogger("build_corpus")
 
 # The order fixes the ids: <pad>=0, <s>=1, </s>=2, <mask>=3.
@@ -660,18 +662,6 @@ def encode_documents(
     if not chunks:
         return np.empty(0, dtype=TOKEN_DTYPE)
     return np.concatenate(chunks)
-
-
-def write_token_file(path: Path, tokens: np.ndarray) -> None:
-    """Write tokens as a little-endian uint16 memmap, through a temporary file and a rename."""
-    if tokens.size == 0:
-        raise ValueError(f"cannot write {path}: the token array is empty")
-    temporary = path.with_name(path.name + ".tmp")
-    array = np.memmap(temporary, dtype=TOKEN_DTYPE, mode="w+", shape=(tokens.size,))
-    array[:] = tokens
-    array.flush()
-    del array
-    os.replace(temporary, path)
 
 
 def write_json(path: Path, payload: object) -> None:

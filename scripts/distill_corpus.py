@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from twotower.data import TOKEN_DTYPE, TokenDataset, load_meta
+from twotower.data import TOKEN_DTYPE, TokenDataset, load_meta, write_token_file
 from twotower.two_tower import TwoTowerForCausalLM
 
 LOGGER = logging.getLogger("distill_corpus")
@@ -89,7 +89,7 @@ def generate_split(
 def check_inputs(
     args: argparse.Namespace, source_dir: Path, out_dir: Path
 ) -> tuple[dict, dict[str, TokenDataset], TwoTowerForCausalLM]:
-    """Check the folders, the model and the corpus before anything is written; return what they hold.
+    """Check the folders, the model and the corpus before anything is written, and return them loaded.
 
     Raises ValueError (or the loaders' OSError) with a message that names the option at fault.
     """
@@ -127,13 +127,6 @@ def check_inputs(
     return meta, sources, model
 
 
-def write_tokens(path: Path, tokens: np.ndarray) -> None:
-    """Write ``tokens`` through a temporary file, so that a stopped run leaves no partial file."""
-    temporary = path.with_name(path.name + ".tmp")
-    tokens.astype(TOKEN_DTYPE).tofile(temporary)
-    os.replace(temporary, path)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -144,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=6144, help="samples in train.bin")
     parser.add_argument("--val-samples", type=int, default=128, help="samples in val.bin")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="real tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=192, help="most generated tokens per sample")
+    parser.add_argument("--new-tokens", type=int, default=192, help="maximum generated tokens per sample")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of the continuations; 0 means greedy")
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 meta["bos_id"], meta["eos_id"], args.temperature, generator, not args.no_progress,
                 vocab_size=meta["vocab_size"],
             )
-        write_tokens(out_dir / f"{split}.bin", tokens)
+        write_token_file(out_dir / f"{split}.bin", tokens)
         token_counts[split] = int(tokens.size)
         LOGGER.info("wrote %s.bin: %d tokens in %d samples", split, tokens.size, samples)
     seconds = time.perf_counter() - started

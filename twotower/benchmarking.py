@@ -154,15 +154,23 @@ def random_prompts(
     return ids, (None if bool(mask.all()) else mask)
 
 
-def corpus_prompts(data_dir: str | Path, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def corpus_prompts(
+    data_dir: str | Path, lengths: Sequence[int], vocab_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Left-padded prompts cut from ``val.bin`` of a corpus folder at evenly spaced offsets, one row per length.
 
     A trained model is as confident on random ids as on nothing it has seen, so its speed in mask
-    diffusion is only meaningful on text like its training data.
+    diffusion is only meaningful on text like its training data. With ``vocab_size`` (the model's),
+    a corpus with more token ids raises ValueError.
     """
     from twotower.data import TokenDataset, load_meta
 
     meta = load_meta(data_dir)
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise ValueError(
+            f"the corpus has {meta['vocab_size']} token ids and the model {vocab_size}: the prompts must come "
+            "from the model's own tokenizer (random --size models do not match any corpus)"
+        )
     val = TokenDataset(Path(data_dir) / meta.get("files", {}).get("val", "val.bin"))
     width = max(lengths)
     offsets = np.linspace(0, len(val) - width, len(lengths)).astype(np.int64)
@@ -180,16 +188,8 @@ def benchmark_prompts(args: argparse.Namespace, lengths: Sequence[int], vocab_si
         return random_prompts(lengths, vocab_size, args.seed)
 
     # Mistakes in --data-dir end the script with one line instead of a traceback.
-    from twotower.data import load_meta
-
     try:
-        corpus_vocab = load_meta(args.data_dir)["vocab_size"]
-        if corpus_vocab > vocab_size:
-            raise ValueError(
-                f"the corpus has {corpus_vocab} token ids and the model {vocab_size}: the prompts must come "
-                "from the model's own tokenizer (random --size models do not match any corpus)"
-            )
-        return corpus_prompts(args.data_dir, lengths)
+        return corpus_prompts(args.data_dir, lengths, vocab_size)
     except (OSError, ValueError, IndexError) as error:
         raise SystemExit(f"--data-dir {args.data_dir}: {error}") from None
 

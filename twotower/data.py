@@ -10,6 +10,7 @@ little-endian uint16 token ids in which every document is stored as
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,3 +128,19 @@ class TokenDataset:
         if high <= 0:
             raise ValueError(f"seq_len {seq_len} is longer than {self.path} ({len(self)} tokens)")
         return torch.randint(0, high, (batch_size,), generator=generator)
+
+
+def write_token_file(path: str | Path, tokens: np.ndarray) -> None:
+    """Write tokens as a little-endian uint16 memmap, through a temporary file and a rename.
+
+    A run stopped half-way therefore never leaves a partial token file under ``path``.
+    """
+    path = Path(path)
+    if tokens.size == 0:
+        raise ValueError(f"cannot write {path}: the token array is empty")
+    temporary = path.with_name(path.name + ".tmp")
+    array = np.memmap(temporary, dtype=TOKEN_DTYPE, mode="w+", shape=(tokens.size,))
+    array[:] = tokens
+    array.flush()
+    del array
+    os.replace(temporary, path)

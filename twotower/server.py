@@ -411,8 +411,8 @@ def create_app(pipeline: TextPipeline, model_name: str | None = None, limits: Se
     async def lifespan(app: FastAPI):
         await scheduler.start()
         logger.info("serving model %s (queue %d, batch rows %d, prompt tokens <= %d, max_tokens <= %d, "
-                    "body bytes <= %d)", model_name, limits.max_queue, limits.max_batch_rows,
-                    limits.max_prompt_tokens, limits.max_tokens, limits.max_body_bytes)
+                    "body bytes <= %d, body timeout %g s)", model_name, limits.max_queue, limits.max_batch_rows,
+                    limits.max_prompt_tokens, limits.max_tokens, limits.max_body_bytes, limits.body_timeout_s)
         try:
             yield
         finally:

@@ -249,9 +249,10 @@ class TwoTowerForCausalLM(nn.Module):
 
         Every mode then runs compiled code: AR decoding and context extension through the context
         tower, mask diffusion and mock-AR through the denoiser pass as well. Shapes are compiled as
-        dynamic by default, so a longer context or another batch size does not trigger a new
-        compilation each time. ``options`` go to ``torch.compile`` (for example ``mode``). The first
-        calls compile, which takes seconds to minutes. Call it after moving the model to its devices.
+        dynamic by default, so a longer context reuses compiled code. Sizes of 0 and 1 stay special
+        cases, so batch 1 after batch 2 compiles again. ``options`` go to ``torch.compile`` (for
+        example ``mode``). The first calls compile, which takes seconds to minutes. Call it after
+        moving the model to its devices.
 
         NOTE: on a CPU (torch 2.13, inductor) the compiled demo model generated more slowly than the
         eager one, after two minutes of compilation, because the cache bookkeeping and the MoE

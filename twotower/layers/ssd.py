@@ -132,8 +132,7 @@ def ssd_block_scan(
     chunk-state and boundary steps of ``ssd_chunk_scan`` and forms C·B once per group instead of per
     head. The result equals ``ssd_chunk_scan`` with a chunk as long as the input.
     """
-    batch, length, n_heads, head_dim = x.shape
-    groups = B.shape[2]
+    n_heads, groups = x.shape[2], B.shape[2]
     x, dt, B, C, A = x.float(), dt.float(), B.float(), C.float(), A.float()
 
     dA = (dt * A).transpose(1, 2)  # (B, nh, L)
