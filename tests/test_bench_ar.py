@@ -77,3 +77,19 @@ def test_bench_ar_bfloat16_run(tmp_path):
 def test_bench_ar_rejects_unknown_size():
     with pytest.raises(SystemExit):
         load_bench_ar().main(["--sizes", "tiny,huge"])
+
+
+def test_profile_ar_short_run(capsys):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("profile_ar", SCRIPT.with_name("profile_ar.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        status = module.main(["--size", "tiny", "--prompt-length", "8", "--steps", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| twotower") or line.startswith("| transformers")]
+    assert len(rows) == 2
