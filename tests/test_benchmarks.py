@@ -158,3 +158,12 @@ def test_corpus_larger_than_model_vocabulary_is_rejected(tmp_path):
     (corpus / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="--data-dir .*4096 token ids"):
         load_script("bench_modes").main(SHORT_RUN + ["--repeats", "1", "--thresholds", "1.0", "--data-dir", str(corpus)])
+
+
+def test_benchmark_compile_option(tmp_path, monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(TwoTowerForCausalLM, "compile_steps", lambda self, **options: compiled.append(self) or self)
+    status = load_script("bench_modes").main(SHORT_RUN + ["--repeats", "1", "--thresholds", "1.0", "--compile"])
+    assert status == 0
+    assert len(compiled) == 1
+    assert ", compiled" in capsys.readouterr().out

@@ -363,3 +363,13 @@ def test_generate_threads_out_of_range(capsys, model_dir, value):
     with pytest.raises(SystemExit):
         cli.main(["generate", PROMPT, "--model", str(model_dir), "--threads", value])
     assert "--threads" in capsys.readouterr().err
+
+
+def test_generate_compile_option(capsys, model_dir, monkeypatch):
+    from twotower import TwoTowerForCausalLM
+
+    compiled = []
+    monkeypatch.setattr(TwoTowerForCausalLM, "compile_steps", lambda self, **options: compiled.append(self) or self)
+    status, _, err = run_cli(capsys, ["generate", PROMPT, "--model", str(model_dir), "--mode", "ar", "--compile", *FAST])
+    assert status == 0, err
+    assert len(compiled) == 1

@@ -419,3 +419,22 @@ def test_vocab_size_is_not_checked_with_given_tokenizer(tmp_path):
     assert bc.parse_args(["--tokenizer", str(path), "--vocab-size", "100"]).tokenizer == path
     with pytest.raises(SystemExit):
         bc.parse_args(["--vocab-size", "100"])
+
+
+def test_interrupted_rebuild_leaves_no_meta(tmp_path, documents, monkeypatch):
+    # A finished build, then a rebuild with other settings that stops inside build_outputs.
+    record = bc.SourceRecord("fixture", "1", "tests/fixtures", "public domain", [])
+    monkeypatch.setattr(bc, "collect_sources", lambda args: ([record], list(documents)))
+    out = tmp_path / "corpus"
+    argv = ["--out", str(out), "--vocab-size", str(SMALL_VOCAB), "--val-fraction", "0.3", "--min-doc-chars", "10",
+            "--no-progress"]
+    assert bc.main(argv) == 0
+    assert (out / "meta.json").is_file()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bc, "build_outputs", stop)
+    with pytest.raises(KeyboardInterrupt):
+        bc.main(argv + ["--force"])
+    assert not (out / "meta.json").exists()
